@@ -38,7 +38,7 @@ class CTImage:
 
     @property
     def is_volume(self) -> bool:
-        """True when `pixels` holds a stack of slices `(D, H, W)`."""
+        """True when `pixels` contains a stack of slices `(D, H, W)`."""
         return self.pixels.ndim == 3
 
     def slices(self) -> list[np.ndarray]:
