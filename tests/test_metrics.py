@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 
 import numpy as np
@@ -369,15 +368,6 @@ def test_bootstrap_one_class_gives_nan_interval():
     intervals = metrics.bootstrap_ci([0, 0, 0], [0.1, 0.2, 0.3], ["a", "b", "c"], 0.5, 50)
     assert all(math.isnan(v) for v in intervals["roc_auc"])
     assert intervals["specificity"] == (1.0, 1.0)
-
-
-def test_bootstrap_is_fast():
-    labels, probs, groups = _clustered_table(50, 40, seed=0)
-    start = time.perf_counter()
-    metrics.bootstrap_ci(labels, probs, groups, 0.5, n_boot=1000, seed=0)
-    elapsed = time.perf_counter() - start
-    # About 0.5 s measured with this test on a shared 2-core CPU. The bound allows for load.
-    assert elapsed < 10.0
 
 
 def test_bootstrap_rejects_bad_arguments():
