@@ -43,6 +43,9 @@ EXPORT_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg"})
 # Largest image a reader decodes, in pixels per slice. Larger files are rejected
 # as possible decompression bombs before their pixels are decoded.
 MAX_PIXELS_PER_SLICE = 8192 * 8192
+# Largest volume a reader assembles, in voxels (1024**3 voxels are 4 GiB as float32). A thin-slice
+# abdominal CT of 1,000 slices of 512 x 512 has about a quarter of this.
+MAX_VOXELS_PER_VOLUME = 1024**3
 
 # Keys of records exchanged with Flower (kebab-case, as Flower's own keys).
 NUM_EXAMPLES_KEY = "num-examples"
