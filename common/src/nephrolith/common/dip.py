@@ -53,9 +53,10 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 def denoise(image: np.ndarray, method: str, strength: float) -> np.ndarray:
     """Reduce noise in a grey image while keeping edges.
 
-    Non-local means (Buades et al., CVPR 2005) runs through cv2.fastNlMeansDenoising on the
-    image rounded to uint8, with filter strength h = strength. The bilateral filter
-    (Tomasi and Manduchi, ICCV 1998) runs on float32 with sigmaColor = 10 * strength grey levels.
+    Non-local means (Buades, Coll and Morel, as OpenCV documents it) runs through
+    cv2.fastNlMeansDenoising on the image rounded to uint8, with filter strength h = strength.
+    The bilateral filter runs through cv2.bilateralFilter on float32 with
+    sigmaColor = 10 * strength grey levels.
 
     Args:
         image: (H, W) grey levels in 0..255.
@@ -87,7 +88,7 @@ def denoise(image: np.ndarray, method: str, strength: float) -> np.ndarray:
 
 
 def clahe(image: np.ndarray, clip_limit: float, tile_grid: int) -> np.ndarray:
-    """Apply contrast-limited adaptive histogram equalisation (Zuiderveld, Graphics Gems IV, 1994).
+    """Apply contrast-limited adaptive histogram equalisation (CLAHE) with cv2.createCLAHE.
 
     Args:
         image: (H, W) grey levels in 0..255; rounded to uint8 for cv2.createCLAHE.
