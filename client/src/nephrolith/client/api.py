@@ -17,6 +17,8 @@ from typing import Any
 import cv2
 import numpy as np
 from flask import Flask, g, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
 from nephrolith.client import api_uploads as uploads
 from nephrolith.client.api_spec import openapi_document
 from nephrolith.client.candidates import CandidateSettings
@@ -24,7 +26,6 @@ from nephrolith.client.inference import Predictor
 from nephrolith.common import __version__
 from nephrolith.common.errors import ConfigError, DataError
 from nephrolith.common.image import CTImage
-from werkzeug.exceptions import HTTPException
 
 logger = logging.getLogger(__name__)
 

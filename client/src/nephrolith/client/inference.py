@@ -17,6 +17,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from nephrolith.client.candidates import Candidate, CandidateSettings, find_candidates
 from nephrolith.common import dip
 from nephrolith.common.config import PreprocessConfig, from_dict

@@ -21,6 +21,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
 
+import typer
+
 from nephrolith.common.errors import ConfigError, NephrolithError
 from nephrolith.common.logs import setup_logging
 from nephrolith.common.runtime import configure_tensorflow
@@ -42,8 +44,10 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"{name}: expected an integer, got {raw!r}") from err
 
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # waitress stops its loop on KeyboardInterrupt; SIGTERM from a service manager does the same.
+def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    # waitress leaves its loop on KeyboardInterrupt, so SIGTERM from a service manager
+    # stops the server the same way Ctrl-C does.
+    logger.info("%s received, stopping", signal.Signals(signum).name)
     raise KeyboardInterrupt
 
 
@@ -71,6 +75,7 @@ def serve(
     """
     configure_tensorflow()
     import waitress
+
     from nephrolith.client.api import ApiConfig, create_app
 
     checkpoint = checkpoint or os.environ.get("NEPHROLITH_CHECKPOINT")
@@ -95,7 +100,7 @@ def serve(
         ident="nephrolith",
         clear_untrusted_proxy_headers=True,
     )
-    bound_port = server.effective_port
+    bound_port = int(server.effective_port)
     logger.info(
         "serving model %s on http://%s:%d with %d threads (started in %.1f s)",
         predictor.model_id,
@@ -104,14 +109,15 @@ def serve(
         threads,
         time.perf_counter() - started,
     )
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
     except KeyboardInterrupt:
-        logger.info("stop requested")
+        pass
     finally:
         server.close()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         logger.info("server on port %d stopped", bound_port)
 
 
@@ -122,7 +128,6 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
         app: the `nephrolith-client` Typer app.
         handle_errors: the CLI's decorator turning nephrolith errors into exit code 1.
     """
-    import typer
 
     @app.command("serve")
     @handle_errors
