@@ -100,6 +100,9 @@ def _print_check(result: Any) -> None:
     table.add_column("item")
     table.add_column("value", justify="right")
     for key, value in summary.items():
+        if key == "groups":
+            # One row per group is too long for a terminal; the manifest lists them.
+            continue
         if isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in sorted(value.items(), key=lambda kv: str(kv[0])))
         table.add_row(str(key), str(value))
@@ -290,25 +293,15 @@ def show_config() -> None:
     )
 
 
-def _register_optional_commands() -> None:
-    """Add the federation and API commands, whose modules live beside this one."""
-    try:
-        from nephrolith.client import federation
-    except ImportError as err:  # pragma: no cover - only while a module is missing
-        logger.debug("federation commands unavailable: %s", err)
-    else:
-        if hasattr(federation, "register_cli"):
-            federation.register_cli(app, _handle_errors)
-    try:
-        from nephrolith.client import serve
-    except ImportError as err:  # pragma: no cover
-        logger.debug("serve command unavailable: %s", err)
-    else:
-        if hasattr(serve, "register_cli"):
-            serve.register_cli(app, _handle_errors)
+def _register_commands() -> None:
+    """Add `join` and `serve`, which their own modules define next to their logic."""
+    from nephrolith.client import federation, serve
+
+    federation.register_cli(app, _handle_errors)
+    serve.register_cli(app, _handle_errors)
 
 
-_register_optional_commands()
+_register_commands()
 
 
 def main() -> None:
