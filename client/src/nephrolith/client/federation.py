@@ -40,7 +40,7 @@ _DIAGNOSES: list[tuple[re.Pattern[str], str]] = [
 
 
 class JoinError(NephrolithError):
-    """The SuperNode could not join the federation; the message says why and what to do."""
+    """The SuperNode failed to join the federation. The message gives the cause and the fix."""
 
 
 def _check_data(data: Path) -> int:
@@ -172,6 +172,9 @@ def join(
     workdir.mkdir(parents=True, exist_ok=True)
 
     env = dict(os.environ)
+    # Flower starts its helpers (flower-superexec, flwr-clientapp) by name from PATH.
+    bin_dir = str(Path(_flower_bin("flower-supernode")).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     env.update(FLWR_HOME=str(workdir / ".flwr"), FLWR_TELEMETRY_ENABLED="0",
                FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")  # fmt: skip
     if threads is not None:
@@ -187,34 +190,49 @@ def _run_supernode(command: list[str], env: dict[str, str], log_file: Path,
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env=env, start_new_session=True)  # fmt: skip
     stopped = threading.Event()
-
-    def forward(signum: int, _frame: object) -> None:
-        stopped.set()
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     tail: list[str] = []
-    try:
+
+    def copy_output() -> None:
+        # Helpers of the SuperNode inherit the pipe and may outlive it, so this
+        # thread is not joined without a timeout.
         with open(log_file, "a", encoding="utf-8") as handle:
-            assert process.stdout is not None
-            for raw in process.stdout:
+            for raw in process.stdout:  # type: ignore[union-attr]
                 line = raw.decode("utf-8", errors="replace")
                 handle.write(line)
                 handle.flush()
-                tail = (tail + [line])[-40:]
+                tail.append(line)
+                del tail[:-40]
+
+    def forward(signum: int, _frame: object) -> None:
+        stopped.set()
+        _terminate_group(process.pid)
+
+    reader = threading.Thread(target=copy_output, daemon=True)
+    reader.start()
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
         code = process.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        # flower-superexec stays in the SuperNode's process group and retries for a
+        # while after the SuperNode exits; end it with the group.
+        _terminate_group(process.pid)
+        reader.join(10)
     if stopped.is_set():
         logger.info("SuperNode stopped")
         return 0
     if code != 0:
-        output = "".join(tail)
-        reason = diagnose(output, server, ca) or f"SuperNode exited with code {code}"
+        reason = diagnose("".join(tail), server, ca) or f"SuperNode exited with code {code}"
         raise JoinError(f"{reason} (SuperNode log: {log_file})")
     return 0
+
+
+def _terminate_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
@@ -244,7 +262,7 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
         auth_key: Annotated[Path | None, typer.Option(
             help="SuperNode private key when the server requires node authentication.")] = None,
     ) -> None:
-        """Join a federation over TLS and train on this hospital's data when the server asks."""
+        """Join a federation over TLS and train on this hospital's data in every round."""
         code = join(server, ca, data, name=name, workdir=workdir, check=check,
                     allow_rejects=allow_rejects, max_wait_s=max_wait, threads=threads,
                     auth_key=auth_key)  # fmt: skip

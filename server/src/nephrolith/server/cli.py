@@ -192,7 +192,7 @@ def partition(
     data: Annotated[Path, typer.Option(help="Source data folder.", exists=True)],
     out: Annotated[Path, typer.Option(help="Output folder for sites/<name> and server-test.")],
     hospitals: Annotated[int, typer.Option(help="Number of hospitals.")] = 3,
-    how: Annotated[str, typer.Option("--partition", help="site, iid or dirichlet.")] = "dirichlet",
+    scheme: Annotated[str, typer.Option("--partition", help="site, iid or dirichlet.")] = "dirichlet",
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
     seed: SeedOpt = 0,
 ) -> None:
@@ -201,7 +201,7 @@ def partition(
     from nephrolith.server.simulation import prepare_sites
 
     try:
-        folders, test = prepare_sites(data, out, hospitals, how, alpha, seed)
+        folders, test = prepare_sites(data, out, hospitals, scheme, alpha, seed)
     except NephrolithError as err:
         _fail(err)
     for folder in folders:
@@ -214,7 +214,7 @@ def partition(
 def simulate(
     data: Annotated[Path, typer.Option(help="Source data folder.", exists=True)],
     hospitals: Annotated[int, typer.Option(help="Number of simulated hospitals.")] = 3,
-    how: Annotated[str, typer.Option("--partition", help="site, iid or dirichlet.")] = "dirichlet",
+    scheme: Annotated[str, typer.Option("--partition", help="site, iid or dirichlet.")] = "dirichlet",
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
     run_dir: Annotated[Path | None, typer.Option(help="Output folder (default runs/sim-<time>).")
                        ] = None,
@@ -242,7 +242,7 @@ def simulate(
 
     try:
         out = (run_dir or _default_run_dir("sim")).resolve()
-        folders, test = prepare_sites(data, out, hospitals, how, alpha, seed)
+        folders, test = prepare_sites(data, out, hospitals, scheme, alpha, seed)
         fed = FedConfig(strategy=strategy, proximal_mu=mu, num_rounds=rounds,
                         min_clients=len(folders), local_epochs=local_epochs,
                         batch_size=batch_size, learning_rate=lr, seed=seed)  # fmt: skip

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +17,12 @@ from nephrolith.server.settings import RunSettings
 
 logger = logging.getLogger(__name__)
 
-# Seconds between two looks at the run's state.
+# Seconds between two reads of the run's state.
 POLL_S = 2.0
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run_server(
@@ -27,11 +33,11 @@ def run_server(
 ) -> int:
     """Run one federation to completion and return a process exit code.
 
-    Steps: check the TLS files, write federation.json, start flower-superlink with
-    TLS (Fleet API on `address`, control API on a free loopback port), submit the
-    nephrolith Flower App with `flwr run`, then wait for the round log's run_end
-    (or the SuperLink's exit), showing the console when `watch` is given. The
-    SuperLink is stopped at the end in every case.
+    It checks the TLS files, writes federation.json and starts flower-superlink
+    with TLS (Fleet API on `address`, control API on a free loopback port). Then it
+    submits the nephrolith Flower App with `flwr run` and waits for the round log's
+    run_end or the SuperLink's exit, showing the console when `watch` is given.
+    The SuperLink is stopped at the end in every case.
 
     Args:
         settings: the run's settings; settings.run_dir receives every output.
@@ -55,6 +61,9 @@ def run_server(
     control_port = processes.free_port()
     processes.write_cli_config(flwr_home, f"127.0.0.1:{control_port}", ca_cert)
 
+    # SIGTERM (systemd, a test) must reach the finally block that stops the SuperLink.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     superlink = processes.start_superlink(
         run_dir, ca_cert, server_cert, server_key, address, control_port, env
     )

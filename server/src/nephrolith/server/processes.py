@@ -40,6 +40,9 @@ def flower_bin(name: str) -> str:
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Return the environment for Flower processes: private FLWR_HOME, no telemetry, no update check."""
     env = dict(os.environ)
+    # Flower starts its helpers (flower-superexec, flwr-serverapp) by name from PATH.
+    bin_dir = str(Path(flower_bin("flower-superlink")).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_TELEMETRY_ENABLED="0",
@@ -50,15 +53,15 @@ def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str
     return env
 
 
-def split_address(address: str, what: str) -> tuple[str, int]:
+def split_address(address: str, option: str) -> tuple[str, int]:
     """Split "HOST:PORT" (IPv6 as "[::1]:PORT") into host and port.
 
     Raises:
-        ConfigError: naming `what` when the address has no valid port.
+        ConfigError: naming `option` when the address has no valid port.
     """
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        raise ConfigError(f"{what}: expected HOST:PORT, got {address!r}")
+        raise ConfigError(f"{option}: expected HOST:PORT, got {address!r}")
     return host.strip("[]"), int(port)
 
 
@@ -207,16 +210,60 @@ def stream_run_log(run_id: str, env: dict[str, str], log_file: Path) -> subproce
         handle.close()
 
 
+def descendants(pid: int) -> list[int]:
+    """Return the ids of all processes below `pid` (children first level first), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
 def stop_process(process: subprocess.Popen | None, timeout_s: float = 15.0) -> None:
-    """Stop a process we started (SIGTERM to its session, then SIGKILL after the timeout)."""
+    """Stop a process we started and everything it started (SIGTERM, then SIGKILL).
+
+    Flower's SuperLink and SuperNode start helpers in their own sessions
+    (flower-superexec, flwr-serverapp, flwr-clientapp), so the whole tree is
+    collected by parent id before the first signal; a SuperLink with an active
+    run does not exit on SIGTERM alone.
+    """
     if process is None or process.poll() is not None:
         return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+    tree = descendants(process.pid)
+    _signal_all([process.pid, *tree], signal.SIGTERM)
     try:
         process.wait(timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        tree += [p for p in descendants(process.pid) if p not in tree]
+        _signal_all([process.pid, *tree], signal.SIGKILL)
         process.wait(5)
+    # Helpers re-parented to init when their parent ended (checked by name against pid reuse).
+    _signal_all([p for p in tree if _is_flower(p)], signal.SIGKILL)
+
+
+def _is_flower(pid: int) -> bool:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"flower-" in command or b"flwr-" in command

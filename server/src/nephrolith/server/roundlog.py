@@ -28,7 +28,7 @@ def clean_json(value: Any) -> Any:
 
 
 class RoundLog:
-    """Appends events to a JSON-lines file; each line is flushed so a tail sees it at once.
+    """Appender of events to a JSON-lines file, flushing each line so a reader gets it at once.
 
     Every event has "event" (its kind), "time" (Unix seconds) and "round" where it
     applies. Kinds written by the ServerApp: "run_start", "round_start",
@@ -89,7 +89,7 @@ def iter_events(path: Path) -> Iterator[dict[str, Any]]:
 
 @dataclass
 class RoundState:
-    """What the console shows for one round.
+    """Console state of one round.
 
     Attributes:
         number: the server round (1-based).

@@ -30,7 +30,7 @@ def prepare_sites(
     """Write one manifest folder per hospital (paths point into `source`) and a server test folder.
 
     Records without a split get a group-wise train/val/test split first. The test
-    split is held out for server-side evaluation; train and val records are shared
+    split is held out for server-side evaluation. Train and val records are shared
     out by the manifest's site column ("site"), evenly ("iid"), or with Dirichlet
     label skew over groups ("dirichlet", concentration `alpha`). A group never
     spans two hospitals.

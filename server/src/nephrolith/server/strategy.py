@@ -44,7 +44,7 @@ def _check_weight(metrics: MetricRecord | None) -> str | None:
 
 
 def validate_train_reply(content: RecordDict, expected: Expected) -> str | None:
-    """Check one train reply against the global model it answers.
+    """Check one train reply against the global model sent in that round.
 
     Args:
         content: the reply's RecordDict.
@@ -162,7 +162,7 @@ class _RoundLogging:
         return sent
 
     def _sender(self, msg: Message) -> str:
-        """Name the node a reply answers; error replies may carry a placeholder src_node_id."""
+        """Return the site a reply comes from, via the sent message, because error replies may carry a placeholder src_node_id."""
         for sent in getattr(self, "_sent_messages", []):
             if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
                 return self.site_name(sent.metadata.dst_node_id)
@@ -246,8 +246,8 @@ class _RoundLogging:
         """Send the global model to every connected hospital for validation.
 
         FedAvg's own sampling waits until `min_available_nodes` are connected, which
-        blocks forever after a hospital drops out mid-round; here evaluation goes to
-        whoever is connected (waiting only while nobody is).
+        blocks forever after a hospital drops out mid-round. Here evaluation goes to
+        the hospitals connected now, and waits only while none is connected.
         """
         node_ids = list(grid.get_node_ids())
         while not node_ids:
@@ -333,8 +333,8 @@ def make_strategy(
     """Build the strategy named in FedConfig ("fedavg" or "fedprox").
 
     Training waits for `min_clients` connected hospitals and samples
-    max(fraction_train * connected, min_clients) of them; evaluation asks every
-    connected hospital but needs only one reply.
+    max(fraction_train * connected, min_clients) of them. Evaluation goes to every
+    connected hospital and needs only one reply.
     """
     common: dict[str, Any] = dict(
         fraction_train=fraction_train,
