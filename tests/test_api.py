@@ -544,3 +544,10 @@ def test_openapi_document(client):
 
 def test_gzip_that_is_not_nifti_is_rejected(client):
     assert_error(post(client, "/v1/studies", gzip.compress(b"just text" * 100)), 415)
+
+
+@pytest.mark.parametrize("side", [1, 8])
+def test_tiny_image_rejected(client, side):
+    ok, png = cv2.imencode(".png", np.full((side, side), 128, np.uint8))
+    assert ok
+    assert_error(post(client, "/v1/predict", png.tobytes()), 422, f"{side} x {side} pixels")

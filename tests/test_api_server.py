@@ -89,6 +89,40 @@ def test_server_bad_then_good(server, tmp_path, islam_subset):
     assert http("POST", server["url"] + "/v1/predict", good, good_type)[0] == 200
 
 
+def test_server_fuzzed_from_openapi_has_no_server_error(server, tmp_path):
+    # Schemathesis generates requests from /openapi.json (bounded: 100 examples per
+    # operation, one worker) and checks statuses, content types and response schemas.
+    command = [
+        str(REPO_ROOT / ".venv" / "bin" / "schemathesis"),
+        "run",
+        server["url"] + "/openapi.json",
+        "--max-examples",
+        "100",
+        "--workers",
+        "1",
+        "--seed",
+        "7",
+                "--checks",
+        "not_a_server_error,status_code_conformance,content_type_conformance,"
+        "response_schema_conformance",
+        "--generation-database",
+        "none",
+        "--request-timeout",
+        "60",
+        "--no-color",
+        "--report",
+        "junit",
+        "--report-dir",
+        str(tmp_path),
+    ]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "passed" in result.stdout
+    assert "-> 500" not in server["log"].read_text()
+
+
 def test_server_stops_and_logs(server):
     exit_code = stop_server(server["process"])
 

@@ -30,6 +30,9 @@ from nephrolith.common.image import CTImage
 logger = logging.getLogger(__name__)
 
 _MIB = 2**20
+# Smallest slice side accepted; CT slices are hundreds of pixels wide, and the
+# preprocessing needs at least 2 pixels per side.
+MIN_SIDE_PX = 16
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no", ""}
@@ -173,7 +176,7 @@ def _upload_file() -> Any:
 
 
 def _read(reader: Any, path: Path, folder: Path) -> CTImage:
-    """Run a reader and turn its failures into 422 answers without exposing server paths."""
+    """Run a reader and turn its failures into 422 responses without exposing server paths."""
     try:
         return reader(path)
     except (DataError, NotImplementedError) as err:
@@ -186,6 +189,16 @@ def _read(reader: Any, path: Path, folder: Path) -> CTImage:
         raise uploads.UploadError(
             422, "the file could not be decoded; check that it is a valid image and not truncated"
         ) from err
+
+
+def _check_slice_size(ct: CTImage, kind: str) -> None:
+    height, width = ct.pixels.shape[-2:]
+    if min(height, width) < MIN_SIDE_PX:
+        raise uploads.UploadError(
+            422,
+            f"the {kind} image is {height} x {width} pixels; expected at least "
+            f"{MIN_SIDE_PX} x {MIN_SIDE_PX} pixels per slice",
+        )
 
 
 def _read_slice(path: Path, kind: str, folder: Path) -> CTImage:
@@ -204,8 +217,9 @@ def _read_slice(path: Path, kind: str, folder: Path) -> CTImage:
     if ct.is_volume:
         raise uploads.UploadError(
             422,
-            f"the {kind} file holds {ct.pixels.shape[0]} slices; send volumes to /v1/studies",
+            f"the {kind} file contains {ct.pixels.shape[0]} slices; send volumes to /v1/studies",
         )
+    _check_slice_size(ct, kind)
     return ct
 
 
@@ -227,9 +241,10 @@ def _read_study(path: Path, kind: str, folder: Path, config: ApiConfig) -> CTIma
     if depth > config.max_slices:
         raise uploads.UploadError(
             422,
-            f"the study holds {depth} slices, more than the limit of {config.max_slices}; "
+            f"the study contains {depth} slices, more than the limit of {config.max_slices}; "
             "send a shorter series or raise NEPHROLITH_MAX_SLICES",
         )
+    _check_slice_size(ct, kind)
     return ct
 
 
@@ -336,6 +351,13 @@ def _register_errors(app: Flask, config: ApiConfig) -> None:
     @app.errorhandler(uploads.UploadError)
     def upload_error(err: uploads.UploadError) -> Any:
         return _error(err.status, err.message)
+
+    @app.errorhandler(DataError)
+    def data_error(err: DataError) -> Any:
+        # Readers' errors become 422 in _read; this catches data problems found later,
+        # for example by the preprocessing.
+        logger.warning("request %s: data error after reading: %s", g.get("request_id", "-"), err)
+        return _error(422, str(err))
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException) -> Any:

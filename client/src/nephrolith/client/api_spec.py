@@ -44,7 +44,7 @@ _UPLOAD_ERRORS = {
         "zip member leaving its folder, or a study over the slice limit."
     ),
     "500": _error_response(
-        "Internal error; the server log holds the traceback under the request id."
+        "Internal error; the server log contains the traceback under the request id."
     ),
 }
 

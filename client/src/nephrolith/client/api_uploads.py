@@ -20,7 +20,7 @@ from typing import IO
 
 logger = logging.getLogger(__name__)
 
-# Kinds of upload the API tells apart by their first bytes.
+# Upload kinds, recognised by their first bytes.
 KIND_PNG = "png"
 KIND_JPEG = "jpeg"
 KIND_DICOM = "dicom"
@@ -45,7 +45,7 @@ _CHUNK = 1 << 20
 
 
 class UploadError(Exception):
-    """An upload the API rejects; `status` is the HTTP status to answer with."""
+    """An upload the API rejects, with the HTTP status of the error response."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -194,18 +194,18 @@ def _check_members(members: list[zipfile.ZipInfo], limits: ZipLimits) -> list[zi
             )
         if _is_symlink(info):
             raise UploadError(
-                422, "the zip holds a symbolic link; zip the DICOM files themselves, not links"
+                422, "the zip contains a symbolic link; zip the DICOM files themselves, not links"
             )
         if info.flag_bits & 0x1:
             raise UploadError(422, "the zip is encrypted; send an unencrypted zip of the series")
         if not info.is_dir():
             files.append(info)
     if not files:
-        raise UploadError(422, "the zip holds no files; zip the folder of the DICOM series")
+        raise UploadError(422, "the zip contains no files; zip the folder of the DICOM series")
     if len(files) > limits.max_members:
         raise UploadError(
             422,
-            f"the zip holds {len(files)} files, more than the limit of {limits.max_members} "
+            f"the zip contains {len(files)} files, more than the limit of {limits.max_members} "
             "(possible zip bomb); send one series per request",
         )
     total = sum(info.file_size for info in files)

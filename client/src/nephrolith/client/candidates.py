@@ -31,7 +31,7 @@ class CandidateSettings:
         heat_threshold: lowest normalised heat (0..1) of the high-heat region.
         max_stone_mm: components whose largest extent exceeds this many mm are
             dropped; this removes vertebrae and ribs, which are dense but large.
-        max_candidates: longest candidate list returned, strongest heat first.
+        max_candidates: maximum number of candidates returned, strongest heat first.
     """
 
     stone_hu_min: float = 300.0

@@ -73,7 +73,7 @@ class StudyPrediction:
 def model_fingerprint(model: Any, metadata: dict[str, Any]) -> str:
     """Return "sha256:<12 hex>" over the model's weights and its metadata.
 
-    The id changes whenever a weight or the preprocessing changes, so answers can
+    The id changes whenever a weight or the preprocessing changes, so responses can
     be traced to the exact model that produced them.
     """
     digest = hashlib.sha256()
@@ -131,7 +131,7 @@ class Predictor:
             candidates: candidate search settings; defaults apply when None.
 
         Raises:
-            ModelError: when the metadata lacks preprocessing or holds an invalid threshold.
+            ModelError: when the metadata lacks preprocessing or contains an invalid threshold.
         """
         if "preprocess" not in metadata:
             raise ModelError("checkpoint metadata: missing 'preprocess'; save the checkpoint again")

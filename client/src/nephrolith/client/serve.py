@@ -89,7 +89,7 @@ def serve(
     started = time.perf_counter()
     app = create_app(Path(checkpoint), config)
     predictor = app.extensions["nephrolith"]["predictor"]
-    # Waitress' own body limit sits above Flask's so that Flask answers oversized uploads
+    # Waitress' own body limit sits above Flask's so that Flask rejects oversized uploads
     # with its JSON 413 instead of waitress' plain-text one.
     server = waitress.create_server(
         app,

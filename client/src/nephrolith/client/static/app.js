@@ -1,9 +1,11 @@
-// Web page of the nephrolith inference API: uploads one file and shows the answer.
-// Plain JavaScript with no external resources; text goes in through textContent only.
+// Web page of the nephrolith inference API: uploads one file and shows the response.
+// Plain JavaScript with no external resources. Server text is inserted with textContent only.
 "use strict";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const STUDY_SUFFIXES = [".zip", ".nii", ".nii.gz"];
+const SLICE_CAPTION =
+  "Grad-CAM heatmap over the slice: warm colours mark the regions that drove the score.";
 
 function byId(id) {
   return document.getElementById(id);
@@ -122,32 +124,36 @@ function showCandidates(candidates) {
   });
 }
 
-function showSlice(answer) {
+function showSlice(result) {
   byId("probability-label").textContent = "Probability";
-  showVerdict(answer.label, answer.probability, answer.threshold, answer.class_names);
-  showInput(answer.input);
+  showVerdict(result.label, result.probability, result.threshold, result.class_names);
+  showInput(result.input);
   byId("study").hidden = true;
   const figure = byId("heatmap-figure");
-  figure.hidden = !answer.heatmap_png;
-  if (answer.heatmap_png) {
-    byId("heatmap").src = "data:image/png;base64," + answer.heatmap_png;
+  figure.hidden = !result.heatmap_png;
+  if (result.heatmap_png) {
+    byId("heatmap").src = "data:image/png;base64," + result.heatmap_png;
+    byId("heatmap-caption").textContent = SLICE_CAPTION;
   }
-  showCandidates(answer.candidates || []);
+  showCandidates(result.candidates || []);
 }
 
-function showStudy(answer) {
+function showStudy(result) {
   byId("probability-label").textContent = "Study score (highest slice)";
-  showVerdict(answer.verdict, answer.score, answer.threshold, answer.class_names);
-  showInput(answer.input);
+  showVerdict(result.verdict, result.score, result.threshold, result.class_names);
+  showInput(result.input);
   const figure = byId("heatmap-figure");
-  figure.hidden = answer.top_slices.length === 0;
-  if (answer.top_slices.length > 0) {
-    byId("heatmap").src = "data:image/png;base64," + answer.top_slices[0].heatmap_png;
+  figure.hidden = result.top_slices.length === 0;
+  if (result.top_slices.length > 0) {
+    const best = result.top_slices[0];
+    byId("heatmap").src = "data:image/png;base64," + best.heatmap_png;
+    byId("heatmap-caption").textContent = "Grad-CAM heatmap over slice " + best.slice +
+      ", the highest-scoring slice: warm colours mark the regions that drove the score.";
   }
   byId("study").hidden = false;
-  drawCurve(answer.slice_scores, answer.threshold, answer.top_slices.map((item) => item.slice));
-  showTopSlices(answer.top_slices);
-  showCandidates(answer.candidates || []);
+  drawCurve(result.slice_scores, result.threshold, result.top_slices.map((item) => item.slice));
+  showTopSlices(result.top_slices);
+  showCandidates(result.candidates || []);
 }
 
 async function analyse(event) {
@@ -168,18 +174,18 @@ async function analyse(event) {
   setStatus(study ? "Analysing the study, slice by slice..." : "Analysing the slice...", false);
   try {
     const response = await fetch(url, { method: "POST", body: form });
-    const answer = await response.json().catch(() => ({ error: "the server sent a non-JSON answer" }));
+    const result = await response.json().catch(() => ({ error: "the server sent a non-JSON response" }));
     if (!response.ok) {
-      setStatus("Error " + response.status + ": " + (answer.error || response.statusText), true);
+      setStatus("Error " + response.status + ": " + (result.error || response.statusText), true);
       return;
     }
     if (study) {
-      showStudy(answer);
+      showStudy(result);
     } else {
-      showSlice(answer);
+      showSlice(result);
     }
     byId("result").hidden = false;
-    setStatus("Done (request " + answer.request_id + ").", false);
+    setStatus("Done (request " + result.request_id + ").", false);
   } catch (error) {
     setStatus("The request failed: " + error.message + ". Check that the server is running.", true);
   } finally {
