@@ -32,6 +32,9 @@ _DIAGNOSES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"Peer name .* is not in peer certificate|hostname|subject ?alt", re.I),
      "TLS handshake failed: the server certificate is not valid for {server}; connect with "
      "a host name or IP listed in the certificate, or ask the operator to add it."),
+    (re.compile(r"Failed to activate SuperNode", re.I),
+     "the server requires SuperNode authentication and did not accept this node's key: "
+     "pass --auth-key <hospital>.key and ask the operator to register <hospital>.pub."),
     (re.compile(r"Connection refused|failed to connect to all addresses|Socket closed|"
                 r"DNS resolution failed|Deadline Exceeded", re.I),
      "cannot reach the federation server at {server}: check the address and port, that the "

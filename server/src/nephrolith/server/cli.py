@@ -144,6 +144,9 @@ def start(
     console: Annotated[bool, typer.Option("--console/--no-console", help="Show the live console.")
                        ] = True,
     dump_replies: DumpOpt = False,
+    node_key: Annotated[list[Path] | None, typer.Option(
+        help="SuperNode public key <hospital>.pub (repeatable); turns on node authentication "
+             "so only these hospitals can join.", exists=True)] = None,
 ) -> None:
     """Start the SuperLink with TLS, run the federation and keep the best and last global model."""
     setup_logging()
@@ -163,7 +166,7 @@ def start(
             def watch(path: Path, is_done) -> None:  # type: ignore[no-untyped-def]
                 console_watch(path, is_done)
 
-        code = run_server(settings, certs_dir, address, watch)
+        code = run_server(settings, certs_dir, address, watch, tuple(node_key or ()))
     except NephrolithError as err:
         _fail(err)
     typer.echo(f"run folder: {settings.run_dir}")

@@ -30,6 +30,7 @@ def run_server(
     cert_dir: Path,
     address: str,
     watch: Callable[[Path, Callable[[], bool]], None] | None = None,
+    node_keys: tuple[Path, ...] = (),
 ) -> int:
     """Run one federation to completion and return a process exit code.
 
@@ -44,6 +45,8 @@ def run_server(
         cert_dir: folder with ca.pem, server.pem and server.key.
         address: HOST:PORT of the Fleet API the hospitals connect to.
         watch: console callback watch(round_log, is_done); None only logs.
+        node_keys: SuperNode public keys (<hospital>.pub). When given, the SuperLink
+            accepts only these registered nodes (flwr SuperNode authentication).
 
     Returns:
         0 when every round completed, 1 otherwise.
@@ -65,10 +68,13 @@ def run_server(
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     superlink = processes.start_superlink(
-        run_dir, ca_cert, server_cert, server_key, address, control_port, env
+        run_dir, ca_cert, server_cert, server_key, address, control_port, env,
+        node_auth=bool(node_keys),
     )
     log_copy: subprocess.Popen | None = None
     try:
+        for key in node_keys:
+            processes.register_node(Path(key), Path(key).stem, env)
         run_id = processes.submit_run(run_dir, env)
         logger.info("run %s submitted; round log %s", run_id, settings.round_log)
         (run_dir / "run_id").write_text(run_id + "\n", encoding="utf-8")

@@ -126,6 +126,7 @@ def start_superlink(
     fleet_address: str,
     control_port: int,
     env: dict[str, str],
+    node_auth: bool = False,
 ) -> subprocess.Popen:
     """Launch flower-superlink with TLS; its output goes to run_dir/superlink.log.
 
@@ -145,6 +146,8 @@ def start_superlink(
         "--disable-runtime-dependency-installation",
         "--database", str(run_dir / "superlink.db"),
     ]  # fmt: skip
+    if node_auth:
+        command.append("--enable-supernode-auth")
     logger.info("starting SuperLink: Fleet API %s, control 127.0.0.1:%d", fleet_address, control_port)
     with open(log_file, "ab") as handle:
         process = subprocess.Popen(
@@ -155,6 +158,21 @@ def start_superlink(
     wait_for_port(probe_host, port, 60, process, log_file)
     wait_for_port("127.0.0.1", control_port, 60, process, log_file)
     return process
+
+
+def register_node(public_key: Path, name: str, env: dict[str, str]) -> None:
+    """Register a hospital's SuperNode public key with `flwr supernode register`.
+
+    Raises:
+        FederationError: when Flower rejects the key (for example, already in use).
+    """
+    command = [flower_bin("flwr"), "supernode", "register", str(public_key), "--name", name]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    if done.returncode != 0:
+        raise FederationError(
+            f"{public_key}: SuperNode registration failed: {done.stdout.strip()} {done.stderr.strip()}"
+        )
+    logger.info("registered SuperNode key %s as %s", public_key.name, name)
 
 
 def submit_run(run_dir: Path, env: dict[str, str]) -> str:
