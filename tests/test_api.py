@@ -551,3 +551,20 @@ def test_tiny_image_rejected(client, side):
     ok, png = cv2.imencode(".png", np.full((side, side), 128, np.uint8))
     assert ok
     assert_error(post(client, "/v1/predict", png.tobytes()), 422, f"{side} x {side} pixels")
+
+
+def test_config_from_env():
+    from nephrolith.common.errors import ConfigError
+
+    env = {"NEPHROLITH_MAX_UPLOAD_MB": "3", "NEPHROLITH_STONE_HU_MIN": "250.5", "OTHER": "x"}
+
+    config = ApiConfig.from_env(env, max_slices=20)
+
+    assert config.max_upload_mb == 3
+    assert config.stone_hu_min == 250.5
+    assert config.max_slices == 20
+    assert config.top_k == ApiConfig().top_k
+    with pytest.raises(ConfigError, match="NEPHROLITH_MAX_SLICES"):
+        ApiConfig.from_env({"NEPHROLITH_MAX_SLICES": "many"})
+    with pytest.raises(ConfigError, match="max_upload_mb"):
+        ApiConfig.from_env({"NEPHROLITH_MAX_UPLOAD_MB": "0"})

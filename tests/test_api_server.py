@@ -89,6 +89,7 @@ def test_server_bad_then_good(server, tmp_path, islam_subset):
     assert http("POST", server["url"] + "/v1/predict", good, good_type)[0] == 200
 
 
+@pytest.mark.slow
 def test_server_fuzzed_from_openapi_has_no_server_error(server, tmp_path):
     # Schemathesis generates requests from /openapi.json (bounded: 100 examples per
     # operation, one worker) and checks statuses, content types and response schemas.
