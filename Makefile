@@ -15,7 +15,7 @@ export FLWR_DISABLE_UPDATE_CHECK = 1
 
 $(STAMP): requirements/runtime.txt requirements/nodeps.txt requirements/dev.txt common/pyproject.toml client/pyproject.toml server/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet --upgrade pip "setuptools<81" wheel
 	$(BIN)/pip install --quiet -r requirements/runtime.txt -r requirements/dev.txt
 	# tf-keras and tensorflow-hub without their dependencies (see requirements/nodeps.txt).
 	$(BIN)/pip install --quiet --no-deps -r requirements/nodeps.txt
