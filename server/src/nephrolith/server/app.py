@@ -108,13 +108,14 @@ class RoundEnd:
             return server_metrics
 
         federated = self.strategy.evaluate_metrics.get(server_round, {})
-        self._save(server_round, "last", federated, server_metrics)
-        score = federated.get(BEST_METRIC)
+        metric, score = BEST_METRIC, federated.get(BEST_METRIC)
         if score is None or not np.isfinite(score):
-            score = (server_metrics or {}).get("server-auc", float("nan"))
+            # No hospital had both classes in its validation split this round.
+            metric, score = "server-auc", (server_metrics or {}).get("server-auc", float("nan"))
+        self._save(server_round, "last", federated, server_metrics, (metric, score))
         if np.isfinite(score) and score > self.best_score:
             self.best_score = float(score)
-            self._save(server_round, "best", federated, server_metrics)
+            self._save(server_round, "best", federated, server_metrics, (metric, score))
         self.log.write(
             "round_end", round=server_round, seconds=round(time.time() - self.started, 3)
         )
@@ -140,7 +141,8 @@ class RoundEnd:
         logger.info("round %d: server-side AUC %.4f", server_round, scores["roc_auc"])
         return record
 
-    def _save(self, server_round: int, kind: str, federated: dict, server: Any) -> None:
+    def _save(self, server_round: int, kind: str, federated: dict, server: Any,
+              score: tuple[str, float]) -> None:
         from nephrolith.common import weights
 
         settings = self.settings
@@ -164,7 +166,7 @@ class RoundEnd:
         })  # fmt: skip
         weights.save_checkpoint(folder, self.model, metadata)
         self.log.write("checkpoint", round=server_round, kind=kind, path=str(folder),
-                       score=federated.get(BEST_METRIC))  # fmt: skip
+                       metric=score[0], score=score[1])  # fmt: skip
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> Any:

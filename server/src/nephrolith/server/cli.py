@@ -48,6 +48,8 @@ TrainCfgOpt = Annotated[Path | None, typer.Option(
 ServerDataOpt = Annotated[Path | None, typer.Option(
     help="Folder the server evaluates the global model on after every round.", exists=True)]
 ServerSplitOpt = Annotated[str, typer.Option(help="Split of --server-data: test, val, train or all.")]
+LimitOpt = Annotated[int | None, typer.Option(
+    help="Keep about this many records per hospital (and in the test set), per split and class.")]
 DumpOpt = Annotated[bool, typer.Option(
     "--dump-replies/--no-dump-replies", help="Save every accepted update (audits, tests).")]
 
@@ -198,13 +200,14 @@ def partition(
     scheme: Annotated[str, typer.Option("--partition", help="site, iid or dirichlet.")] = "dirichlet",
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
     seed: SeedOpt = 0,
+    limit: LimitOpt = None,
 ) -> None:
     """Share one data folder out as hospital folders (manifests pointing at the source files)."""
     setup_logging()
     from nephrolith.server.simulation import prepare_sites
 
     try:
-        folders, test = prepare_sites(data, out, hospitals, scheme, alpha, seed)
+        folders, test = prepare_sites(data, out, hospitals, scheme, alpha, seed, limit)
     except NephrolithError as err:
         _fail(err)
     for folder in folders:
@@ -236,6 +239,7 @@ def simulate(
     server_eval: Annotated[bool, typer.Option("--server-eval/--no-server-eval",
                                               help="Evaluate on the held-out test split.")] = True,
     cpus: Annotated[int | None, typer.Option(help="Concurrent simulated hospitals.")] = None,
+    limit: LimitOpt = None,
 ) -> None:
     """Run the same ServerApp and ClientApp in Flower's simulation runtime on this machine."""
     setup_logging()
@@ -245,7 +249,7 @@ def simulate(
 
     try:
         out = (run_dir or _default_run_dir("sim")).resolve()
-        folders, test = prepare_sites(data, out, hospitals, scheme, alpha, seed)
+        folders, test = prepare_sites(data, out, hospitals, scheme, alpha, seed, limit)
         fed = FedConfig(strategy=strategy, proximal_mu=mu, num_rounds=rounds,
                         min_clients=len(folders), local_epochs=local_epochs,
                         batch_size=batch_size, learning_rate=lr, seed=seed)  # fmt: skip

@@ -73,15 +73,16 @@ def render(state: RunState, now: float | None = None) -> Group:
     if state.rounds:
         latest = state.rounds[max(state.rounds)]
         sites = Table(title=f"hospitals in round {latest.number}", expand=True)
-        for column in ("hospital", "status", "examples", "train loss", "val loss", "val AUC",
-                       "train s"):  # fmt: skip
+        for column in ("hospital", "status", "train n", "val n", "train loss", "val loss",
+                       "val AUC", "train s"):  # fmt: skip
             sites.add_column(column)
         for name in sorted(latest.sites):
             values = latest.sites[name]
             status = values.get("status", "-")
             sites.add_row(
                 name, Text(status, style=_STATUS_STYLE.get(status, "")),
-                _fmt(values.get("num-examples"), 0), _fmt(values.get("train-loss")),
+                _fmt(values.get("num-examples"), 0), _fmt(values.get("val-examples"), 0),
+                _fmt(values.get("train-loss")),
                 _fmt(values.get("val-loss")), _fmt(values.get("val-auc")),
                 _fmt(values.get("train-seconds"), 1),
             )  # fmt: skip
@@ -92,7 +93,7 @@ def render(state: RunState, now: float | None = None) -> Group:
         parts.append(Text(f"warning: {warning}", style="yellow"))
     if state.best:
         parts.append(Text(f"best checkpoint: round {state.best.get('round')} "
-                          f"(val AUC {_fmt(state.best.get('score'))}) {state.best.get('path')}"))  # fmt: skip
+                          f"({state.best.get('metric', 'val-auc')} {_fmt(state.best.get('score'))}) {state.best.get('path')}"))  # fmt: skip
     return Group(*parts)
 
 

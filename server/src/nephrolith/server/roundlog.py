@@ -161,7 +161,9 @@ class RunState:
             state.train = event.get("metrics", {})
             state.phase = "evaluate"
         elif kind == "evaluate_reply":
-            state.sites.setdefault(site, {}).update(event.get("metrics", {}))
+            metrics = dict(event.get("metrics", {}))
+            metrics["val-examples"] = metrics.pop("num-examples", None)
+            state.sites.setdefault(site, {}).update(metrics)
         elif kind == "evaluate_aggregated":
             state.evaluate = event.get("metrics", {})
         elif kind == "server_evaluate":
