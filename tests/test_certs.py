@@ -25,16 +25,21 @@ def _load(path):
 
 def test_chain_sans_and_modes(tmp_path):
     # Execute
-    paths = make_certs(tmp_path / "certs", ("fed.example.org", "localhost", "10.1.2.3"), days=30,
-                       nodes=("hospital1",))
+    paths = make_certs(
+        tmp_path / "certs",
+        ("fed.example.org", "localhost", "10.1.2.3"),
+        days=30,
+        nodes=("hospital1",),
+    )
 
     # Assert: the server certificate verifies against the CA with Python's own TLS stack.
     ctx = ssl.create_default_context(cafile=str(paths.ca_cert))
     ctx.load_cert_chain(str(paths.server_cert), str(paths.server_key))  # key matches cert
     ca, server = _load(paths.ca_cert), _load(paths.server_cert)
     assert server.issuer == ca.subject
-    ca.public_key().verify(server.signature, server.tbs_certificate_bytes,
-                           ec.ECDSA(server.signature_hash_algorithm))
+    ca.public_key().verify(
+        server.signature, server.tbs_certificate_bytes, ec.ECDSA(server.signature_hash_algorithm)
+    )
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["fed.example.org", "localhost"]
     assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3")]
@@ -55,20 +60,29 @@ def test_chain_sans_and_modes(tmp_path):
     node_key, node_pub = paths.node_keys["hospital1"]
     loaded = serialization.load_ssh_private_key(node_key.read_bytes(), password=None)
     assert node_pub.read_text().startswith("ecdsa-sha2-nistp384 ")
-    assert loaded.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    ).decode() == node_pub.read_text().strip()
+    assert (
+        loaded.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+        == node_pub.read_text().strip()
+    )
 
 
 def test_openssl_verifies_default_hosts(tmp_path):
     paths = make_certs(tmp_path)
-    done = subprocess.run(["openssl", "verify", "-CAfile", str(paths.ca_cert), str(paths.server_cert)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(paths.ca_cert), str(paths.server_cert)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode == 127:
         pytest.skip("openssl not installed")
     assert done.stdout.strip().endswith(": OK"), done.stdout + done.stderr
-    sans = _load(paths.server_cert).extensions.get_extension_for_class(
-        x509.SubjectAlternativeName).value
+    sans = (
+        _load(paths.server_cert)
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
     assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
     assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
 
@@ -91,8 +105,20 @@ def test_bad_hosts_are_rejected(tmp_path, host):
 
 def test_cli_writes_files(tmp_path):
     out = tmp_path / "c"
-    done = subprocess.run([sys.executable, "-m", "nephrolith.server.cli", "certs", "--out", str(out),
-                           "--host", "127.0.0.1"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nephrolith.server.cli",
+            "certs",
+            "--out",
+            str(out),
+            "--host",
+            "127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert "copy to every hospital" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == ["ca.key", "ca.pem", "server.key", "server.pem"]

@@ -1,4 +1,4 @@
-"""FedProx: the proximal term's gradient by formula, and the ClientApp passing mu to local training."""
+"""FedProx: the proximal gradient by formula, and the ClientApp passing mu to training."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_proximal_gradient_is_mu_times_distance_to_global():
     delta = [np.array([[1.0, -1.0], [0.5, 0.0]], np.float32), np.array([0.2, -0.2], np.float32)]
     model.set_weights(w_global)
     trainer.set_anchor()
-    model.set_weights([g + d for g, d in zip(w_global, delta)])
+    model.set_weights([g + d for g, d in zip(w_global, delta, strict=True)])
     x = np.array([[1.0, 2.0], [0.5, -1.0], [3.0, 0.0]], np.float32)
     y = np.array([0, 1, 1])
 
@@ -40,7 +40,9 @@ def test_proximal_gradient_is_mu_times_distance_to_global():
     data_grads, total_grads = trainer.objective_gradients(x, y, proximal_mu=mu)
 
     # Assert: d/dw [mu/2 ||w - w_global||^2] = mu (w - w_global) = 0.5 * delta.
-    np.testing.assert_allclose(total_grads[0] - data_grads[0], [[0.5, -0.5], [0.25, 0.0]], atol=1e-6)
+    np.testing.assert_allclose(
+        total_grads[0] - data_grads[0], [[0.5, -0.5], [0.25, 0.0]], atol=1e-6
+    )
     np.testing.assert_allclose(total_grads[1] - data_grads[1], [0.1, -0.1], atol=1e-6)
 
     # The data gradient itself matches the softmax cross-entropy formula (mean over 3 examples).
@@ -53,9 +55,17 @@ def test_proximal_gradient_is_mu_times_distance_to_global():
 
 
 def _message(arrays: list[np.ndarray], config: dict) -> Message:
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=5,
-                        reply_to_message_id="", group_id="", created_at=time.time(), ttl=600.0,
-                        message_type=MessageType.TRAIN)
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=5,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type=MessageType.TRAIN,
+    )
     content = RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(config)})
     return Message(content=content, metadata=metadata)
 
@@ -83,12 +93,21 @@ def test_client_app_passes_proximal_mu_to_training(tiny_site):
         "model-config": json.dumps(to_dict(model_cfg)),
         "preprocess-config": json.dumps(to_dict(PreprocessConfig(image_size=32))),
         "train-config": json.dumps(to_dict(train_cfg)),
-        "local-epochs": 2, "batch-size": 8, "learning-rate": 3e-3, "seed": 0, "server-round": 1,
+        "local-epochs": 2,
+        "batch-size": 8,
+        "learning-rate": 3e-3,
+        "seed": 0,
+        "server-round": 1,
     }
     trainer = flower_app.get_trainer(model_cfg, train_cfg, 0)
     start = weights.get_trainable(trainer.model)
-    context = Context(run_id=1, node_id=5, node_config={"data-dir": str(tiny_site)}, state=RecordDict(),
-                      run_config={})
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"data-dir": str(tiny_site)},
+        state=RecordDict(),
+        run_config={},
+    )
 
     # Execute
     replies = {}
@@ -99,7 +118,7 @@ def test_client_app_passes_proximal_mu_to_training(tiny_site):
     # Assert: the reply echoes mu, and the proximal pull keeps the update closer to the start.
     def distance(reply: Message) -> float:
         new = reply.content["arrays"].to_numpy_ndarrays()
-        return float(np.sqrt(sum(np.sum((n - s) ** 2) for n, s in zip(new, start))))
+        return float(np.sqrt(sum(np.sum((n - s) ** 2) for n, s in zip(new, start, strict=True))))
 
     assert replies[50.0].content["metrics"]["proximal-mu"] == 50.0
     assert replies[0.0].content["metrics"]["num-examples"] > 0

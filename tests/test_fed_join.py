@@ -1,4 +1,4 @@
-"""`join` failures a hospital operator meets before any training: data, CA file, unreachable server."""
+"""`join` failures before any training: data checks, CA file, unreachable server."""
 
 from __future__ import annotations
 
@@ -53,7 +53,9 @@ def test_node_config_quotes_paths_and_rejects_quotes(tmp_path):
 
 
 def test_diagnose_wrong_ca_before_unreachable():
-    output = ("Handshake failed with error SSL_ERROR_SSL: CERTIFICATE_VERIFY_FAILED: unable to get "
-              "local issuer certificate\nfailed to connect to all addresses")
+    output = (
+        "Handshake failed with error SSL_ERROR_SSL: CERTIFICATE_VERIFY_FAILED: unable to get "
+        "local issuer certificate\nfailed to connect to all addresses"
+    )
     message = diagnose(output, "10.0.0.1:9092", "ca.pem")
     assert message.startswith("TLS handshake failed: the server's certificate was not issued")

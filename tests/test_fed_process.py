@@ -36,8 +36,13 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # One TF thread per process and deterministic kernels, so the simulation can match.
-    env.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1", TF_DETERMINISTIC_OPS="1",
-               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    env.update(
+        TF_NUM_INTRAOP_THREADS="1",
+        TF_NUM_INTEROP_THREADS="1",
+        TF_DETERMINISTIC_OPS="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+    )
     return env
 
 
@@ -65,9 +70,14 @@ def _write_configs(root: Path) -> list[str]:
     }
     for name, values in files.items():
         (root / name).write_text(json.dumps(values), encoding="utf-8")
-    return ["--model-config", str(root / "model.json"),
-            "--preprocess-config", str(root / "preprocess.json"),
-            "--train-config", str(root / "train.json")]
+    return [
+        "--model-config",
+        str(root / "model.json"),
+        "--preprocess-config",
+        str(root / "preprocess.json"),
+        "--train-config",
+        str(root / "train.json"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +97,34 @@ def federation(tmp_path_factory, islam_subset):
     env = _env()
 
     server = subprocess.Popen(
-        [sys.executable, "-m", "nephrolith.server.cli", "start", "--address", address,
-         "--certs", str(root / "certs"), "--run-dir", str(run_dir), "--rounds", str(ROUNDS),
-         "--batch-size", "8", "--lr", "1e-3", "--no-console", "--dump-replies",
-         "--server-data", str(test), "--server-split", "all", *config_args],
-        stdout=open(root / "server.out", "wb"), stderr=subprocess.STDOUT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "nephrolith.server.cli",
+            "start",
+            "--address",
+            address,
+            "--certs",
+            str(root / "certs"),
+            "--run-dir",
+            str(run_dir),
+            "--rounds",
+            str(ROUNDS),
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--no-console",
+            "--dump-replies",
+            "--server-data",
+            str(test),
+            "--server-split",
+            "all",
+            *config_args,
+        ],
+        stdout=open(root / "server.out", "wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     clients: list[subprocess.Popen] = []
     try:
@@ -99,32 +132,79 @@ def federation(tmp_path_factory, islam_subset):
 
         # Refusals, while no hospital has joined yet.
         wrong_ca = subprocess.run(
-            [sys.executable, "-m", "nephrolith.client.federation", "--server", address,
-             "--ca", str(wrong.ca_cert), "--data", str(sites[0]), "--workdir", str(root / "bad"),
-             "--max-wait", "10", "--no-check"],
-            capture_output=True, text=True, env=env, timeout=180,
+            [
+                sys.executable,
+                "-m",
+                "nephrolith.client.federation",
+                "--server",
+                address,
+                "--ca",
+                str(wrong.ca_cert),
+                "--data",
+                str(sites[0]),
+                "--workdir",
+                str(root / "bad"),
+                "--max-wait",
+                "10",
+                "--no-check",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=180,
         )
         plain = _run_alone(
-            [str(Path(sys.executable).parent / "flower-supernode"), "--insecure",
-             "--superlink", address, "--port", str(_free_port()), "--max-wait-time", "5"],
-            env, root / "plain.log",
+            [
+                str(Path(sys.executable).parent / "flower-supernode"),
+                "--insecure",
+                "--superlink",
+                address,
+                "--port",
+                str(_free_port()),
+                "--max-wait-time",
+                "5",
+            ],
+            env,
+            root / "plain.log",
         )
 
         for index, site in enumerate(sites):
-            clients.append(subprocess.Popen(
-                [sys.executable, "-m", "nephrolith.client.federation", "--server", address,
-                 "--ca", str(certs.ca_cert), "--data", str(site),
-                 "--workdir", str(root / f"node{index}"), "--threads", "1"],
-                stdout=open(root / f"client{index}.out", "wb"), stderr=subprocess.STDOUT, env=env,
-            ))
+            clients.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "nephrolith.client.federation",
+                        "--server",
+                        address,
+                        "--ca",
+                        str(certs.ca_cert),
+                        "--data",
+                        str(site),
+                        "--workdir",
+                        str(root / f"node{index}"),
+                        "--threads",
+                        "1",
+                    ],
+                    stdout=open(root / f"client{index}.out", "wb"),
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
         code = server.wait(SERVER_TIMEOUT_S)
     finally:
         for process in clients:
             _stop(process)
         _stop(server)
     return {
-        "root": root, "run_dir": run_dir, "sites": sites, "test": test, "code": code,
-        "wrong_ca": wrong_ca, "plain": plain, "config_args": config_args,
+        "root": root,
+        "run_dir": run_dir,
+        "sites": sites,
+        "test": test,
+        "code": code,
+        "wrong_ca": wrong_ca,
+        "plain": plain,
+        "config_args": config_args,
     }
 
 
@@ -135,8 +215,9 @@ def _run_alone(command: list[str], env: dict[str, str], log: Path) -> subprocess
     output open, so waiting for end-of-output (subprocess.run) would hang.
     """
     with open(log, "wb") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         try:
             code = process.wait(180)
         finally:
@@ -180,7 +261,9 @@ def test_run_completes_with_round_log_and_checkpoints(federation):
         replies = [e for e in events if e["event"] == "train_reply" and e["round"] == number]
         assert sorted(e["site"] for e in replies) == ["site1", "site2"]
         assert all(e["bytes"] > 0 and e["metrics"]["num-examples"] > 0 for e in replies)
-        evaluated = [e for e in events if e["event"] == "evaluate_aggregated" and e["round"] == number]
+        evaluated = [
+            e for e in events if e["event"] == "evaluate_aggregated" and e["round"] == number
+        ]
         assert evaluated and evaluated[0]["metrics"]["num-examples"] > 0
         assert any(e["event"] == "server_evaluate" and e["round"] == number for e in events)
         assert any(e["event"] == "round_end" and e["round"] == number for e in events)
@@ -207,7 +290,9 @@ def test_global_weights_are_example_weighted_mean_of_replies(federation):
     global_weights = weights.get_trainable(model)
     assert len(global_weights) == len([k for k in loaded[0].files if k.startswith("w")])
     for index, array in enumerate(global_weights):
-        expected = sum(c * d[f"w{index}"] for c, d in zip(counts, loaded)) / counts.sum()
+        expected = (
+            sum(c * d[f"w{index}"] for c, d in zip(counts, loaded, strict=True)) / counts.sum()
+        )
         np.testing.assert_allclose(array, expected, rtol=1e-5, atol=1e-6)
     # The two hospitals' updates differ, so the mean is not trivially either of them.
     assert not np.allclose(loaded[0]["w0"], loaded[1]["w0"])
@@ -245,9 +330,18 @@ def test_simulation_matches_the_process_run(federation, tmp_path):
         "simulate(settings, [Path(p) for p in sys.argv[3:]], cpus=2)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script, str(federation["run_dir"]), str(run_dir),
-         *map(str, federation["sites"])],
-        capture_output=True, text=True, env=_env(), timeout=1500,
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(federation["run_dir"]),
+            str(run_dir),
+            *map(str, federation["sites"]),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=1500,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -255,5 +349,7 @@ def test_simulation_matches_the_process_run(federation, tmp_path):
 
     sim_model, _ = weights.load_checkpoint(run_dir / "checkpoints" / "last")
     proc_model, _ = weights.load_checkpoint(federation["run_dir"] / "checkpoints" / "last")
-    for sim, proc in zip(weights.get_trainable(sim_model), weights.get_trainable(proc_model)):
+    for sim, proc in zip(
+        weights.get_trainable(sim_model), weights.get_trainable(proc_model), strict=True
+    ):
         np.testing.assert_allclose(sim, proc, rtol=1e-5, atol=1e-5)

@@ -31,9 +31,17 @@ GLOBAL = [np.zeros((2, 3), np.float32), np.zeros((4,), np.float32)]
 
 
 def _metadata(src: int, dst: int, message_id: str, reply_to: str = "") -> Metadata:
-    return Metadata(run_id=1, message_id=message_id, src_node_id=src, dst_node_id=dst,
-                    reply_to_message_id=reply_to, group_id="", created_at=time.time(),
-                    ttl=60.0, message_type=MessageType.TRAIN)
+    return Metadata(
+        run_id=1,
+        message_id=message_id,
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id=reply_to,
+        group_id="",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
 
 
 def _sent(node: int) -> Message:
@@ -41,21 +49,26 @@ def _sent(node: int) -> Message:
     return Message(content=content, metadata=_metadata(0, node, f"sent-{node}"))
 
 
-def _reply(node: int, arrays: list[np.ndarray], examples: float, site: str,
-           loss: float = 1.0) -> Message:
-    content = RecordDict({
-        "arrays": ArrayRecord(arrays),
-        "metrics": MetricRecord({"num-examples": examples, "train-loss": loss}),
-        "site": ConfigRecord({"site-id": site, "warnings": ""}),
-    })
+def _reply(
+    node: int, arrays: list[np.ndarray], examples: float, site: str, loss: float = 1.0
+) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(arrays),
+            "metrics": MetricRecord({"num-examples": examples, "train-loss": loss}),
+            "site": ConfigRecord({"site-id": site, "warnings": ""}),
+        }
+    )
     return Message(content=content, metadata=_metadata(node, 0, f"reply-{node}", f"sent-{node}"))
 
 
 def _error(node: int, reason: str) -> Message:
     # Flower fills placeholder node ids into some error replies; the strategy must map
     # them back to the node it sent to through reply_to_message_id.
-    return Message(error=Error(code=0, reason=reason),
-                   metadata=_metadata(1, 0, f"reply-{node}", f"sent-{node}"))
+    return Message(
+        error=Error(code=0, reason=reason),
+        metadata=_metadata(1, 0, f"reply-{node}", f"sent-{node}"),
+    )
 
 
 @pytest.fixture
@@ -134,8 +147,9 @@ def test_weighted_metrics_skip_nan_per_metric():
     # A site with a single-class validation split reports AUC NaN; its loss still counts.
     records = [
         RecordDict({"m": MetricRecord({"num-examples": 10, "val-auc": 0.8, "val-loss": 1.0})}),
-        RecordDict({"m": MetricRecord({"num-examples": 30, "val-auc": float("nan"),
-                                       "val-loss": 3.0})}),
+        RecordDict(
+            {"m": MetricRecord({"num-examples": 30, "val-auc": float("nan"), "val-loss": 3.0})}
+        ),
         RecordDict({"m": MetricRecord({"num-examples": 0, "val-auc": 0.1, "val-loss": 9.0})}),
     ]
     result = weighted_metrics(records, "num-examples")

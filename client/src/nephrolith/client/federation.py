@@ -23,23 +23,36 @@ logger = logging.getLogger(__name__)
 
 # Patterns in the SuperNode's output, and what they mean for the hospital's operator.
 _DIAGNOSES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"CERTIFICATE_VERIFY_FAILED|unable to get local issuer", re.I),
-     "TLS handshake failed: the server's certificate was not issued by the CA in {ca}. "
-     "Get the federation's ca.pem from the server operator."),
-    (re.compile(r"certificate has expired|CERTIFICATE_EXPIRED", re.I),
-     "TLS handshake failed: the server's certificate has expired; ask the operator to "
-     "renew it (nephrolith-server certs)."),
-    (re.compile(r"Peer name .* is not in peer certificate|hostname|subject ?alt", re.I),
-     "TLS handshake failed: the server certificate is not valid for {server}; connect with "
-     "a host name or IP listed in the certificate, or ask the operator to add it."),
-    (re.compile(r"Failed to activate SuperNode", re.I),
-     "the server requires SuperNode authentication and did not accept this node's key: "
-     "pass --auth-key <hospital>.key and ask the operator to register <hospital>.pub."),
-    (re.compile(r"Connection refused|failed to connect to all addresses|Socket closed|"
-                r"DNS resolution failed|Deadline Exceeded", re.I),
-     "cannot reach the federation server at {server}: check the address and port, that the "
-     "server is running, and that it uses TLS."),
-]  # fmt: skip
+    (
+        re.compile(r"CERTIFICATE_VERIFY_FAILED|unable to get local issuer", re.I),
+        "TLS handshake failed: the server's certificate was not issued by the CA in {ca}. "
+        "Get the federation's ca.pem from the server operator.",
+    ),
+    (
+        re.compile(r"certificate has expired|CERTIFICATE_EXPIRED", re.I),
+        "TLS handshake failed: the server's certificate has expired; ask the operator to "
+        "renew it (nephrolith-server certs).",
+    ),
+    (
+        re.compile(r"Peer name .* is not in peer certificate|hostname|subject ?alt", re.I),
+        "TLS handshake failed: the server certificate is not valid for {server}; connect with "
+        "a host name or IP listed in the certificate, or ask the operator to add it.",
+    ),
+    (
+        re.compile(r"Failed to activate SuperNode", re.I),
+        "the server requires SuperNode authentication and did not accept this node's key: "
+        "pass --auth-key <hospital>.key and ask the operator to register <hospital>.pub.",
+    ),
+    (
+        re.compile(
+            r"Connection refused|failed to connect to all addresses|Socket closed|"
+            r"DNS resolution failed|Deadline Exceeded",
+            re.I,
+        ),
+        "cannot reach the federation server at {server}: check the address and port, that the "
+        "server is running, and that it uses TLS.",
+    ),
+]
 
 
 class JoinError(NephrolithError):
@@ -96,22 +109,35 @@ def diagnose(output: str, server: str, ca: Path) -> str | None:
     return None
 
 
-def supernode_command(server: str, ca: Path, data: Path, name: str,
-                      cache_dir: Path | None, max_wait_s: float,
-                      auth_key: Path | None = None) -> list[str]:
+def supernode_command(
+    server: str,
+    ca: Path,
+    data: Path,
+    name: str,
+    cache_dir: Path | None,
+    max_wait_s: float,
+    auth_key: Path | None = None,
+) -> list[str]:
     """Return the flower-supernode command line for one hospital."""
-    node_config = [f"data-dir={_toml_literal(str(data), '--data')}",
-                   f"site-id={_toml_literal(name, '--name')}"]
+    node_config = [
+        f"data-dir={_toml_literal(str(data), '--data')}",
+        f"site-id={_toml_literal(name, '--name')}",
+    ]
     if cache_dir is not None:
         node_config.append(f"cache-dir={_toml_literal(str(cache_dir), 'cache folder')}")
     command = [
         _flower_bin("flower-supernode"),
-        "--root-certificates", str(ca),
-        "--superlink", server,
-        "--port", str(_free_port()),
-        "--node-config", " ".join(node_config),
-        "--max-wait-time", str(max_wait_s),
-    ]  # fmt: skip
+        "--root-certificates",
+        str(ca),
+        "--superlink",
+        server,
+        "--port",
+        str(_free_port()),
+        "--node-config",
+        " ".join(node_config),
+        "--max-wait-time",
+        str(max_wait_s),
+    ]
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key)]
     return command
@@ -178,8 +204,12 @@ def join(
     # Flower starts its helpers (flower-superexec, flwr-clientapp) by name from PATH.
     bin_dir = str(Path(_flower_bin("flower-supernode")).parent)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
-    env.update(FLWR_HOME=str(workdir / ".flwr"), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")  # fmt: skip
+    env.update(
+        FLWR_HOME=str(workdir / ".flwr"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PYTHONUNBUFFERED="1",
+    )
     if threads is not None:
         env.update(TF_NUM_INTRAOP_THREADS=str(threads), TF_NUM_INTEROP_THREADS="1")
     command = supernode_command(server, ca, data, name, workdir / "cache", max_wait_s, auth_key)
@@ -187,11 +217,13 @@ def join(
     return _run_supernode(command, env, workdir / "supernode.log", server, ca)
 
 
-def _run_supernode(command: list[str], env: dict[str, str], log_file: Path,
-                   server: str, ca: Path) -> int:
+def _run_supernode(
+    command: list[str], env: dict[str, str], log_file: Path, server: str, ca: Path
+) -> int:
     """Run the SuperNode, copying its output to `log_file`, until it exits or we are signalled."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=env, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
     stopped = threading.Event()
     tail: list[str] = []
 
@@ -247,33 +279,58 @@ def register_cli(app: Any, handle_errors: Callable[[Any], Any]) -> None:
         server: Annotated[str, typer.Option(help="HOST:PORT of the federation server.")],
         ca: Annotated[Path, typer.Option(help="The federation's CA certificate (ca.pem).")],
         data: Annotated[Path, typer.Option(help="This hospital's CT folder.")],
-        name: Annotated[str | None, typer.Option(
-            help="Site name shown on the server (default: the folder name).")] = None,
-        workdir: Annotated[Path | None, typer.Option(
-            help="Folder for the SuperNode log, state and cache (default runs/node-<name>).")
+        name: Annotated[
+            str | None,
+            typer.Option(help="Site name shown on the server (default: the folder name)."),
         ] = None,
-        check: Annotated[bool, typer.Option("--check/--no-check",
-                                            help="Open every file first, as check-data does.")
-                         ] = True,
-        allow_rejects: Annotated[bool, typer.Option(
-            "--allow-rejects/--no-allow-rejects", help="Join even when some files fail the checks.")
+        workdir: Annotated[
+            Path | None,
+            typer.Option(
+                help="Folder for the SuperNode log, state and cache (default runs/node-<name>)."
+            ),
+        ] = None,
+        check: Annotated[
+            bool,
+            typer.Option("--check/--no-check", help="Open every file first, as check-data does."),
+        ] = True,
+        allow_rejects: Annotated[
+            bool,
+            typer.Option(
+                "--allow-rejects/--no-allow-rejects",
+                help="Join even when some files fail the checks.",
+            ),
         ] = False,
-        max_wait: Annotated[float, typer.Option(
-            help="Seconds to keep trying an unreachable server.")] = 60.0,
-        threads: Annotated[int | None, typer.Option(
-            help="TensorFlow threads per op for local training.")] = None,
-        auth_key: Annotated[Path | None, typer.Option(
-            help="SuperNode private key when the server requires node authentication.")] = None,
+        max_wait: Annotated[
+            float, typer.Option(help="Seconds to keep trying an unreachable server.")
+        ] = 60.0,
+        threads: Annotated[
+            int | None, typer.Option(help="TensorFlow threads per op for local training.")
+        ] = None,
+        auth_key: Annotated[
+            Path | None,
+            typer.Option(
+                help="SuperNode private key when the server requires node authentication."
+            ),
+        ] = None,
     ) -> None:
         """Join a federation over TLS and train on this hospital's data in every round."""
-        code = join(server, ca, data, name=name, workdir=workdir, check=check,
-                    allow_rejects=allow_rejects, max_wait_s=max_wait, threads=threads,
-                    auth_key=auth_key)  # fmt: skip
+        code = join(
+            server,
+            ca,
+            data,
+            name=name,
+            workdir=workdir,
+            check=check,
+            allow_rejects=allow_rejects,
+            max_wait_s=max_wait,
+            threads=threads,
+            auth_key=auth_key,
+        )
         raise typer.Exit(code)
 
 
 def main() -> None:
-    """Run `join` alone: `python -m nephrolith.client.federation --server ... --ca ... --data ...`."""
+    """Run `join` alone: `python -m nephrolith.client.federation --server H:P --ca C --data D`."""
     from nephrolith.common.logs import setup_logging
 
     setup_logging()

@@ -96,8 +96,9 @@ def get_trainer(model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int) -> An
     return _TRAINERS[key]
 
 
-def load_site_data(data_dir: Path, cfg: PreprocessConfig, seed: int,
-                   cache_dir: Path | None = None) -> SiteData:
+def load_site_data(
+    data_dir: Path, cfg: PreprocessConfig, seed: int, cache_dir: Path | None = None
+) -> SiteData:
     """Discover a hospital folder, split it by patient/group when needed and load train and val.
 
     Raises:
@@ -148,7 +149,8 @@ def _site(context: Context, site_dirs: Sequence[str]) -> tuple[Path, str, Path |
         return folder, str(node.get(SITE_ID_KEY, folder.name)), None
     if DATA_DIR_KEY not in node:
         raise KeyError(
-            f"SuperNode started without --node-config {DATA_DIR_KEY}=...; use nephrolith-client join"
+            f"SuperNode started without --node-config {DATA_DIR_KEY}=...; "
+            "start it with nephrolith-client join"
         )
     folder = Path(str(node[DATA_DIR_KEY]))
     cache = Path(str(node[CACHE_DIR_KEY])) if CACHE_DIR_KEY in node else None
@@ -160,7 +162,7 @@ def _site_record(name: str, warnings: list[str]) -> ConfigRecord:
 
 
 def handle_train(msg: Message, context: Context, site_dirs: Sequence[str] = ()) -> Message:
-    """Train the received global model on the local training split and reply with the new weights."""
+    """Train the received global model on the local training split and return the new weights."""
     from nephrolith.common import weights
 
     started = time.perf_counter()
@@ -182,23 +184,34 @@ def handle_train(msg: Message, context: Context, site_dirs: Sequence[str] = ()) 
     keras.utils.set_random_seed(seed + 1000 * server_round)
     mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
     history = trainer.fit(
-        site.x_train, site.y_train, int(config.get(EPOCHS_KEY, 1)),
+        site.x_train,
+        site.y_train,
+        int(config.get(EPOCHS_KEY, 1)),
         learning_rate=float(config.get(LEARNING_RATE_KEY, train_cfg.learning_rate)),
-        proximal_mu=mu, patience=0,
-    )  # fmt: skip
-    metrics = MetricRecord({
-        NUM_EXAMPLES_KEY: int(len(site.y_train)),
-        "train-loss": float(history[-1]["loss"]),
-        "train-seconds": round(time.perf_counter() - started, 3),
-        PROXIMAL_MU_KEY: mu,
-    })  # fmt: skip
-    logger.info("round %d: trained on %d images, loss %.4f", server_round, len(site.y_train),
-                history[-1]["loss"])  # fmt: skip
-    content = RecordDict({
-        "arrays": ArrayRecord(weights.get_trainable(trainer.model)),
-        "metrics": metrics,
-        "site": _site_record(name, site.warnings),
-    })  # fmt: skip
+        proximal_mu=mu,
+        patience=0,
+    )
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES_KEY: int(len(site.y_train)),
+            "train-loss": float(history[-1]["loss"]),
+            "train-seconds": round(time.perf_counter() - started, 3),
+            PROXIMAL_MU_KEY: mu,
+        }
+    )
+    logger.info(
+        "round %d: trained on %d images, loss %.4f",
+        server_round,
+        len(site.y_train),
+        history[-1]["loss"],
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(weights.get_trainable(trainer.model)),
+            "metrics": metrics,
+            "site": _site_record(name, site.warnings),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -214,18 +227,25 @@ def handle_evaluate(msg: Message, context: Context, site_dirs: Sequence[str] = (
     trainer = get_trainer(model_cfg, train_cfg, seed)
     weights.set_trainable(trainer.model, msg.content["arrays"].to_numpy_ndarrays())
     nan = float("nan")
-    scores: dict[str, Any] = {"loss": nan, "roc_auc": nan, "accuracy": nan, "recall": nan,
-                              "specificity": nan}  # fmt: skip
+    scores: dict[str, Any] = {
+        "loss": nan,
+        "roc_auc": nan,
+        "accuracy": nan,
+        "recall": nan,
+        "specificity": nan,
+    }
     if len(site.y_val):
         scores = trainer.evaluate(site.x_val, site.y_val)
-    metrics = MetricRecord({
-        NUM_EXAMPLES_KEY: int(len(site.y_val)),
-        "val-loss": float(scores["loss"]),
-        "val-auc": float(scores["roc_auc"]),
-        "val-accuracy": float(scores["accuracy"]),
-        "val-sensitivity": float(scores["recall"]),
-        "val-specificity": float(scores["specificity"]),
-    })  # fmt: skip
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES_KEY: int(len(site.y_val)),
+            "val-loss": float(scores["loss"]),
+            "val-auc": float(scores["roc_auc"]),
+            "val-accuracy": float(scores["accuracy"]),
+            "val-sensitivity": float(scores["recall"]),
+            "val-specificity": float(scores["specificity"]),
+        }
+    )
     content = RecordDict({"metrics": metrics, "site": _site_record(name, [])})
     return Message(content=content, reply_to=msg)
 

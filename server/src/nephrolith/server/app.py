@@ -130,43 +130,56 @@ class RoundEnd:
         x, y = self.server_data
         probs = predict_probs(self.model, x)
         scores = metrics.binary_metrics(y, probs, self.settings.threshold)
-        record = MetricRecord({
-            "server-auc": float(scores["roc_auc"]),
-            "server-accuracy": float(scores["accuracy"]),
-            "server-sensitivity": float(scores["recall"]),
-            "server-specificity": float(scores["specificity"]),
-            "num-examples": int(len(y)),
-        })  # fmt: skip
+        record = MetricRecord(
+            {
+                "server-auc": float(scores["roc_auc"]),
+                "server-accuracy": float(scores["accuracy"]),
+                "server-sensitivity": float(scores["recall"]),
+                "server-specificity": float(scores["specificity"]),
+                "num-examples": int(len(y)),
+            }
+        )
         self.log.write("server_evaluate", round=server_round, metrics=dict(record))
         logger.info("round %d: server-side AUC %.4f", server_round, scores["roc_auc"])
         return record
 
-    def _save(self, server_round: int, kind: str, federated: dict, server: Any,
-              score: tuple[str, float]) -> None:
+    def _save(
+        self, server_round: int, kind: str, federated: dict, server: Any, score: tuple[str, float]
+    ) -> None:
         from nephrolith.common import weights
 
         settings = self.settings
         folder = settings.path / CHECKPOINTS_DIR / kind
-        metadata = clean_json({
-            "preprocess": to_dict(settings.preprocess),
-            "class_names": list(CLASS_NAMES),
-            "threshold": settings.threshold,
-            "provenance": {
-                "kind": f"federated-{kind}",
-                "strategy": settings.fed.strategy,
-                "proximal_mu": settings.fed.proximal_mu if settings.fed.strategy == "fedprox" else 0.0,
-                "round": server_round,
-                "rounds": settings.fed.num_rounds,
-                "sites": sorted(set(self.strategy.sites.values())),
-                "fed": to_dict(settings.fed),
-                "train": to_dict(settings.train),
-                "val_metrics": federated,
-                "server_metrics": dict(server) if server is not None else None,
-            },
-        })  # fmt: skip
+        metadata = clean_json(
+            {
+                "preprocess": to_dict(settings.preprocess),
+                "class_names": list(CLASS_NAMES),
+                "threshold": settings.threshold,
+                "provenance": {
+                    "kind": f"federated-{kind}",
+                    "strategy": settings.fed.strategy,
+                    "proximal_mu": settings.fed.proximal_mu
+                    if settings.fed.strategy == "fedprox"
+                    else 0.0,
+                    "round": server_round,
+                    "rounds": settings.fed.num_rounds,
+                    "sites": sorted(set(self.strategy.sites.values())),
+                    "fed": to_dict(settings.fed),
+                    "train": to_dict(settings.train),
+                    "val_metrics": federated,
+                    "server_metrics": dict(server) if server is not None else None,
+                },
+            }
+        )
         weights.save_checkpoint(folder, self.model, metadata)
-        self.log.write("checkpoint", round=server_round, kind=kind, path=str(folder),
-                       metric=score[0], score=score[1])  # fmt: skip
+        self.log.write(
+            "checkpoint",
+            round=server_round,
+            kind=kind,
+            path=str(folder),
+            metric=score[0],
+            score=score[1],
+        )
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> Any:
@@ -226,7 +239,9 @@ def make_server_app(settings: RunSettings | None = None) -> ServerApp:
         resolved = settings
         if resolved is None:
             if RUN_DIR_KEY not in context.run_config:
-                raise KeyError(f"run config has no {RUN_DIR_KEY!r}; start runs with nephrolith-server")
+                raise KeyError(
+                    f"run config has no {RUN_DIR_KEY!r}; start runs with nephrolith-server"
+                )
             resolved = load_settings(Path(str(context.run_config[RUN_DIR_KEY])))
         run_federation(grid, resolved)
 

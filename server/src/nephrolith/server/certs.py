@@ -93,7 +93,7 @@ def make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """Create a self-signed CA key and certificate valid for `days` days."""
     key = _new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nephrolith federation CA")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -105,9 +105,15 @@ def make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -139,7 +145,7 @@ def make_server_cert(
         ConfigError: when a host is neither a DNS name nor an IP address.
     """
     key = _new_key()
-    start = not_before or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     sans = _subject_alt_names(hosts)
     cert = (
         x509.CertificateBuilder()

@@ -54,51 +54,88 @@ def render(state: RunState, now: float | None = None) -> Group:
     )
 
     rounds = Table(title="rounds", expand=True)
-    for column in ("round", "state", "hospitals", "failed", "train loss", "val loss",
-                   "val AUC", "server AUC", "MB in", "seconds"):  # fmt: skip
+    for column in (
+        "round",
+        "state",
+        "hospitals",
+        "failed",
+        "train loss",
+        "val loss",
+        "val AUC",
+        "server AUC",
+        "MB in",
+        "seconds",
+    ):
         rounds.add_column(column, justify="right" if column != "hospitals" else "left")
     for number in sorted(state.rounds):
         r = state.rounds[number]
         trained = [s for s, v in r.sites.items() if v.get("status") == "trained"]
         seconds = (r.ended or now) - r.started if r.started else None
         rounds.add_row(
-            str(number), r.phase, ", ".join(sorted(trained)) or "-",
+            str(number),
+            r.phase,
+            ", ".join(sorted(trained)) or "-",
             ", ".join(sorted({s for s, _ in r.failures})) or "-",
-            _fmt(r.train.get("train-loss")), _fmt(r.evaluate.get("val-loss")),
-            _fmt(r.evaluate.get("val-auc")), _fmt(r.server.get("server-auc")),
-            f"{r.bytes_received / 1e6:.2f}", _fmt(seconds, 1),
-        )  # fmt: skip
+            _fmt(r.train.get("train-loss")),
+            _fmt(r.evaluate.get("val-loss")),
+            _fmt(r.evaluate.get("val-auc")),
+            _fmt(r.server.get("server-auc")),
+            f"{r.bytes_received / 1e6:.2f}",
+            _fmt(seconds, 1),
+        )
 
     parts: list[Any] = [header, rounds]
     if state.rounds:
         latest = state.rounds[max(state.rounds)]
         sites = Table(title=f"hospitals in round {latest.number}", expand=True)
-        for column in ("hospital", "status", "train n", "val n", "train loss", "val loss",
-                       "val AUC", "train s"):  # fmt: skip
+        for column in (
+            "hospital",
+            "status",
+            "train n",
+            "val n",
+            "train loss",
+            "val loss",
+            "val AUC",
+            "train s",
+        ):
             sites.add_column(column)
         for name in sorted(latest.sites):
             values = latest.sites[name]
             status = values.get("status", "-")
             sites.add_row(
-                name, Text(status, style=_STATUS_STYLE.get(status, "")),
-                _fmt(values.get("num-examples"), 0), _fmt(values.get("val-examples"), 0),
+                name,
+                Text(status, style=_STATUS_STYLE.get(status, "")),
+                _fmt(values.get("num-examples"), 0),
+                _fmt(values.get("val-examples"), 0),
                 _fmt(values.get("train-loss")),
-                _fmt(values.get("val-loss")), _fmt(values.get("val-auc")),
+                _fmt(values.get("val-loss")),
+                _fmt(values.get("val-auc")),
                 _fmt(values.get("train-seconds"), 1),
-            )  # fmt: skip
+            )
         parts.append(sites)
         for site, reason in latest.failures:
             parts.append(Text(f"round {latest.number}: {site}: {reason}", style="red"))
     for warning in state.warnings[-5:]:
         parts.append(Text(f"warning: {warning}", style="yellow"))
     if state.best:
-        parts.append(Text(f"best checkpoint: round {state.best.get('round')} "
-                          f"({state.best.get('metric', 'val-auc')} {_fmt(state.best.get('score'))}) {state.best.get('path')}"))  # fmt: skip
+        parts.append(
+            Text(
+                f"best checkpoint: round {state.best.get('round')} "
+                f"({state.best.get('metric', 'val-auc')} {_fmt(state.best.get('score'))}) "
+                f"{state.best.get('path')}"
+            )
+        )
     return Group(*parts)
 
 
-def watch(round_log: Path, is_done: Callable[[], bool] | None = None, *,
-          follow: bool = True, refresh_s: float = 1.0, console: Console | None = None) -> RunState:
+def watch(
+    round_log: Path,
+    is_done: Callable[[], bool] | None = None,
+    *,
+    follow: bool = True,
+    refresh_s: float = 1.0,
+    console: Console | None = None,
+) -> RunState:
     """Show the round log live until the run ends (or once, when follow is False).
 
     Args:
@@ -114,8 +151,9 @@ def watch(round_log: Path, is_done: Callable[[], bool] | None = None, *,
     state = RunState()
     offset = 0
     console = console or Console()
-    with Live(render(state), console=console, refresh_per_second=4,
-              transient=False, auto_refresh=False) as live:  # fmt: skip
+    with Live(
+        render(state), console=console, refresh_per_second=4, transient=False, auto_refresh=False
+    ) as live:
         while True:
             events, offset = read_events(round_log, offset)
             for event in events:

@@ -42,41 +42,98 @@ def _stop(process: subprocess.Popen) -> None:
             process.kill()
 
 
-def run_demo(out: Path, hospitals: int = 3, rounds: int = 3, image_size: int = 64,
-             seed: int = 0) -> int:
+def run_demo(
+    out: Path, hospitals: int = 3, rounds: int = 3, image_size: int = 64, seed: int = 0
+) -> int:
     """Run the whole demo and return the server's exit code."""
     from nephrolith.common import synth
     from nephrolith.server.certs import make_certs
 
     out = out.resolve()
-    sites = synth.generate_federation(out / "data", n_sites=hospitals + 1, patients_per_site=8,
-                                      seed=seed, slices_per_patient=(6, 8), image_size=128)  # fmt: skip
+    sites = synth.generate_federation(
+        out / "data",
+        n_sites=hospitals + 1,
+        patients_per_site=8,
+        seed=seed,
+        slices_per_patient=(6, 8),
+        image_size=128,
+    )
     hospital_sites, held_out = sites[:hospitals], sites[hospitals]
     manifest = _held_out_manifest(held_out, out)
     make_certs(out / "certs", overwrite=True)
     address = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
-               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")  # fmt: skip
+    env = dict(
+        os.environ,
+        TF_NUM_INTRAOP_THREADS="1",
+        TF_NUM_INTEROP_THREADS="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+    )
     (out / "logs").mkdir(parents=True, exist_ok=True)
 
     server = subprocess.Popen(
-        [sys.executable, "-m", "nephrolith.server.cli", "start", "--address", address,
-         "--certs", str(out / "certs"), "--run-dir", str(out / "run"), "--rounds", str(rounds),
-         "--min-clients", str(hospitals), "--tiny", "--image-size", str(image_size),
-         "--batch-size", "16", "--lr", "1e-3", "--local-epochs", "1",
-         "--server-data", str(manifest.parent), "--server-split", "test", "--seed", str(seed)],
+        [
+            sys.executable,
+            "-m",
+            "nephrolith.server.cli",
+            "start",
+            "--address",
+            address,
+            "--certs",
+            str(out / "certs"),
+            "--run-dir",
+            str(out / "run"),
+            "--rounds",
+            str(rounds),
+            "--min-clients",
+            str(hospitals),
+            "--tiny",
+            "--image-size",
+            str(image_size),
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-3",
+            "--local-epochs",
+            "1",
+            "--server-data",
+            str(manifest.parent),
+            "--server-split",
+            "test",
+            "--seed",
+            str(seed),
+        ],
         env=env,
-    )  # fmt: skip
+    )
     clients = []
     try:
         for site in hospital_sites:
             log = open(out / "logs" / f"{site.name}.log", "wb")  # noqa: SIM115 - closed below
-            clients.append((log, subprocess.Popen(
-                [sys.executable, "-m", "nephrolith.client.federation", "--server", address,
-                 "--ca", str(out / "certs" / "ca.pem"), "--data", str(site),
-                 "--workdir", str(out / "nodes" / site.name), "--threads", "1"],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
-            )))  # fmt: skip
+            clients.append(
+                (
+                    log,
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "nephrolith.client.federation",
+                            "--server",
+                            address,
+                            "--ca",
+                            str(out / "certs" / "ca.pem"),
+                            "--data",
+                            str(site),
+                            "--workdir",
+                            str(out / "nodes" / site.name),
+                            "--threads",
+                            "1",
+                        ],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    ),
+                )
+            )
         code = server.wait()
     finally:
         for log, process in clients:
@@ -89,9 +146,16 @@ def run_demo(out: Path, hospitals: int = 3, rounds: int = 3, image_size: int = 6
 
     from nephrolith.client.local import evaluate_checkpoint
 
-    result = evaluate_checkpoint(out / "run" / "checkpoints" / "best", manifest.parent,
-                                 out / "report", split="test", manifest=manifest, n_boot=200,
-                                 seed=seed, title="nephrolith demo: federated model, held-out site")  # fmt: skip
+    result = evaluate_checkpoint(
+        out / "run" / "checkpoints" / "best",
+        manifest.parent,
+        out / "report",
+        split="test",
+        manifest=manifest,
+        n_boot=200,
+        seed=seed,
+        title="nephrolith demo: federated model, held-out site",
+    )
     image = result.get("image_level", result)
     logger.info("held-out site: AUC %s", image.get("roc_auc") if isinstance(image, dict) else "?")
     logger.info("round log:  %s", out / "run" / "rounds.jsonl")

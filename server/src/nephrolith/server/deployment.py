@@ -68,7 +68,13 @@ def run_server(
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     superlink = processes.start_superlink(
-        run_dir, ca_cert, server_cert, server_key, address, control_port, env,
+        run_dir,
+        ca_cert,
+        server_cert,
+        server_key,
+        address,
+        control_port,
+        env,
         node_auth=bool(node_keys),
     )
     log_copy: subprocess.Popen | None = None
@@ -101,9 +107,11 @@ def run_server(
 
     finished = load_state(settings.round_log).finished
     if finished is None:
-        logger.error("the run ended without a run_end event%s%s",
-                     processes.log_tail(run_dir / "serverapp.log", 25),
-                     processes.log_tail(run_dir / "superlink.log"))  # fmt: skip
+        logger.error(
+            "the run ended without a run_end event%s%s",
+            processes.log_tail(run_dir / "serverapp.log", 25),
+            processes.log_tail(run_dir / "superlink.log"),
+        )
         return 1
     if finished.get("status") != "completed":
         logger.error("run failed: %s", finished.get("reason"))

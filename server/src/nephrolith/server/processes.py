@@ -1,4 +1,4 @@
-"""Start, watch and stop Flower's own processes (SuperLink, SuperNode, flwr CLI) for our commands."""
+"""Start, watch and stop Flower's processes (SuperLink, flwr CLI) for nephrolith-server."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def flower_bin(name: str) -> str:
 
 
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Return the environment for Flower processes: private FLWR_HOME, no telemetry, no update check."""
+    """Return the environment for Flower processes: own FLWR_HOME, no telemetry or update check."""
     env = dict(os.environ)
     # Flower starts its helpers (flower-superexec, flwr-serverapp) by name from PATH.
     bin_dir = str(Path(flower_bin("flower-superlink")).parent)
@@ -72,8 +72,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout_s: float, process: subprocess.Popen | None,
-                  log_file: Path | None = None) -> None:
+def wait_for_port(
+    host: str,
+    port: int,
+    timeout_s: float,
+    process: subprocess.Popen | None,
+    log_file: Path | None = None,
+) -> None:
     """Wait until host:port accepts TCP connections.
 
     Raises:
@@ -92,7 +97,9 @@ def wait_for_port(host: str, port: int, timeout_s: float, process: subprocess.Po
                 return
         except OSError:
             time.sleep(0.2)
-    raise FederationError(f"{host}:{port} did not open within {timeout_s:.0f} s{log_tail(log_file)}")
+    raise FederationError(
+        f"{host}:{port} did not open within {timeout_s:.0f} s{log_tail(log_file)}"
+    )
 
 
 def log_tail(log_file: Path | None, lines: int = 15) -> str:
@@ -137,18 +144,27 @@ def start_superlink(
     log_file = run_dir / "superlink.log"
     command = [
         flower_bin("flower-superlink"),
-        "--ssl-ca-certfile", str(ca_cert),
-        "--ssl-certfile", str(server_cert),
-        "--ssl-keyfile", str(server_key),
-        "--fleet-api-address", fleet_address,
-        "--host", "127.0.0.1",
-        "--port", str(control_port),
+        "--ssl-ca-certfile",
+        str(ca_cert),
+        "--ssl-certfile",
+        str(server_cert),
+        "--ssl-keyfile",
+        str(server_key),
+        "--fleet-api-address",
+        fleet_address,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(control_port),
         "--disable-runtime-dependency-installation",
-        "--database", str(run_dir / "superlink.db"),
-    ]  # fmt: skip
+        "--database",
+        str(run_dir / "superlink.db"),
+    ]
     if node_auth:
         command.append("--enable-supernode-auth")
-    logger.info("starting SuperLink: Fleet API %s, control 127.0.0.1:%d", fleet_address, control_port)
+    logger.info(
+        "starting SuperLink: Fleet API %s, control 127.0.0.1:%d", fleet_address, control_port
+    )
     with open(log_file, "ab") as handle:
         process = subprocess.Popen(
             command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -170,7 +186,8 @@ def register_node(public_key: Path, name: str, env: dict[str, str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     if done.returncode != 0:
         raise FederationError(
-            f"{public_key}: SuperNode registration failed: {done.stdout.strip()} {done.stderr.strip()}"
+            f"{public_key}: SuperNode registration failed: "
+            f"{done.stdout.strip()} {done.stderr.strip()}"
         )
     logger.info("registered SuperNode key %s as %s", public_key.name, name)
 
@@ -182,15 +199,20 @@ def submit_run(run_dir: Path, env: dict[str, str]) -> str:
         FederationError: when flwr run fails; the message quotes its output.
     """
     command = [
-        flower_bin("flwr"), "run", str(APP_DIR),
-        "--run-config", f"run-dir={json.dumps(str(Path(run_dir).resolve()))}",
-        "--format", "json",
-    ]  # fmt: skip
+        flower_bin("flwr"),
+        "run",
+        str(APP_DIR),
+        "--run-config",
+        f"run-dir={json.dumps(str(Path(run_dir).resolve()))}",
+        "--format",
+        "json",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     payload = _last_json(done.stdout)
     if done.returncode != 0 or not payload or not payload.get("success"):
         raise FederationError(
-            f"flwr run failed (exit code {done.returncode}): {done.stdout.strip()} {done.stderr.strip()}"
+            f"flwr run failed (exit code {done.returncode}): "
+            f"{done.stdout.strip()} {done.stderr.strip()}"
         )
     return str(payload["run-id"])
 
@@ -206,7 +228,7 @@ def _last_json(text: str) -> dict | None:
 
 
 def run_status(run_id: str, env: dict[str, str]) -> str:
-    """Return the run's status string from `flwr ls` (for example "running", "finished:completed")."""
+    """Return the run's status from `flwr ls`, for example "running" or "finished:completed"."""
     command = [flower_bin("flwr"), "ls", "--run-id", run_id, "--format", "json"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
     payload = _last_json(done.stdout) or {}
@@ -222,8 +244,11 @@ def stream_run_log(run_id: str, env: dict[str, str], log_file: Path) -> subproce
     try:
         return subprocess.Popen(
             [flower_bin("flwr"), "log", run_id, "--stream"],
-            stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     finally:
         handle.close()
 

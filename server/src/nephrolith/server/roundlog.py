@@ -1,4 +1,4 @@
-"""The federation's round log: one JSON object per line, written by the ServerApp, read by the console."""
+"""The round log: one JSON object per line, written by the ServerApp and read by the console."""
 
 from __future__ import annotations
 

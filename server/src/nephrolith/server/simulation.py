@@ -1,4 +1,4 @@
-"""Hospitals made from one data folder, and the same ServerApp/ClientApp in Flower's simulation runtime."""
+"""Hospitals made from one data folder, and the ServerApp/ClientApp in Flower's simulation."""
 
 from __future__ import annotations
 
@@ -90,12 +90,14 @@ def prepare_sites(
         server_test = Path(out_dir) / "server-test"
         data.write_manifest(test, server_test / "manifest.csv")
     if not folders:
-        raise DataError(f"{source}: no records left for the hospitals after holding out the test split")
+        raise DataError(
+            f"{source}: no records left for the hospitals after holding out the test split"
+        )
     return folders, server_test
 
 
 def subsample(records: list, limit: int, seed: int) -> list:
-    """Keep about `limit` records, the same fraction of every (split, class) stratum, at least one each."""
+    """Keep about `limit` records: the same fraction of every (split, class) stratum, at least 1."""
     if len(records) <= limit:
         return list(records)
     rng = np.random.default_rng(seed)

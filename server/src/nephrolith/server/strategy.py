@@ -162,9 +162,15 @@ class _RoundLogging:
         return sent
 
     def _sender(self, msg: Message) -> str:
-        """Return the site a reply comes from, via the sent message, because error replies may carry a placeholder src_node_id."""
+        """Return the site a reply comes from, found through the message it answers.
+
+        Error replies may carry a placeholder src_node_id instead of the node's id.
+        """
         for sent in getattr(self, "_sent_messages", []):
-            if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
+            if (
+                sent.metadata.message_id
+                and sent.metadata.message_id == msg.metadata.reply_to_message_id
+            ):
                 return self.site_name(sent.metadata.dst_node_id)
         return self.site_name(msg.metadata.src_node_id)
 
@@ -216,9 +222,12 @@ class _RoundLogging:
             metrics = next(iter(msg.content.metric_records.values()))
             arrays = next(iter(msg.content.array_records.values()))
             self.round_log.write(
-                "train_reply", round=server_round, site=site,
-                metrics=_metrics_dict(metrics), bytes=arrays.count_bytes(),
-            )  # fmt: skip
+                "train_reply",
+                round=server_round,
+                site=site,
+                metrics=_metrics_dict(metrics),
+                bytes=arrays.count_bytes(),
+            )
             self._dump(server_round, site, arrays, metrics)
         for site in self._missing(replies):
             self.round_log.write(
@@ -258,7 +267,9 @@ class _RoundLogging:
         messages = self._construct_messages(record, node_ids, MessageType.EVALUATE)  # type: ignore[attr-defined]
         return self._remember_sent(messages)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Aggregate validation metrics weighted by example count and log each site."""
         replies = list(replies)
         valid: list[Message] = []
@@ -273,9 +284,11 @@ class _RoundLogging:
             metrics = next(iter(msg.content.metric_records.values()), None)
             if metrics is None or NUM_EXAMPLES_KEY not in metrics:
                 self.round_log.write(
-                    "evaluate_failure", round=server_round, site=site,
+                    "evaluate_failure",
+                    round=server_round,
+                    site=site,
                     reason=f"no MetricRecord with {NUM_EXAMPLES_KEY!r}",
-                )  # fmt: skip
+                )
                 continue
             valid.append(msg)
             self.round_log.write(
@@ -283,18 +296,24 @@ class _RoundLogging:
             )
         for site in self._missing(replies):
             self.round_log.write(
-                "evaluate_failure", round=server_round, site=site,
+                "evaluate_failure",
+                round=server_round,
+                site=site,
                 reason="no reply before the timeout",
-            )  # fmt: skip
+            )
         metrics = weighted_metrics([m.content for m in valid], NUM_EXAMPLES_KEY) if valid else None
         self.evaluate_metrics[server_round] = _metrics_dict(metrics)
         self.round_log.write(
-            "evaluate_aggregated", round=server_round, metrics=_metrics_dict(metrics),
+            "evaluate_aggregated",
+            round=server_round,
+            metrics=_metrics_dict(metrics),
             sites=[self.site_name(m.metadata.src_node_id) for m in valid],
-        )  # fmt: skip
+        )
         return metrics
 
-    def _dump(self, server_round: int, site: str, arrays: ArrayRecord, metrics: MetricRecord) -> None:
+    def _dump(
+        self, server_round: int, site: str, arrays: ArrayRecord, metrics: MetricRecord
+    ) -> None:
         if self.dump_dir is None:
             return
         folder = self.dump_dir / f"round-{server_round:03d}"
@@ -349,4 +368,3 @@ def make_strategy(
     if name == "fedavg":
         return LoggedFedAvg(round_log, **common)
     raise ValueError(f"strategy: expected 'fedavg' or 'fedprox', got {name!r}")
-
