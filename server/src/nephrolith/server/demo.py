@@ -156,8 +156,8 @@ def run_demo(
         seed=seed,
         title="nephrolith demo: federated model, held-out site",
     )
-    image = result.get("image_level", result)
-    logger.info("held-out site: AUC %s", image.get("roc_auc") if isinstance(image, dict) else "?")
+    image_metrics = result.get("image", {}).get("metrics", {})
+    logger.info("held-out site, image level: AUC %s", image_metrics.get("roc_auc"))
     logger.info("round log:  %s", out / "run" / "rounds.jsonl")
     logger.info("checkpoint: %s", out / "run" / "checkpoints" / "best")
     logger.info("report:     %s", out / "report" / "report.html")
