@@ -33,25 +33,34 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NEPHROLITH_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 DEFAULT_IMAGE = SHARED_DATA / "ct-kidney-islam-subset" / "images" / "Stone" / "Stone- (1).jpg"
 BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
-START_MARK = "<!-- api-load:start -->"
-END_MARK = "<!-- api-load:end -->"
+# One BENCHMARKS.md entry per model, between these markers; a rerun replaces its own entry.
+START_MARK = "<!-- api-load:{label}:start -->"
+END_MARK = "<!-- api-load:{label}:end -->"
 HEADER = (
     "# Benchmarks\n\nMeasured numbers of nephrolith, each with its command, machine and date.\n"
 )
 
 
-def build_tiny_checkpoint(folder: Path) -> Path:
-    """Save a random-init tiny model (compact backbone, 64 px) as the benchmark's default model."""
+def build_checkpoint(folder: Path, kind: str) -> Path:
+    """Save a random-init model: "tiny" (compact backbone, 64 px) or "convnext-tiny" (224 px).
+
+    Random weights cost the same time per request as trained ones, and building them
+    here keeps the run reproducible without a trained checkpoint or a download.
+    """
     from nephrolith.common.runtime import configure_tensorflow
 
     configure_tensorflow()
     from nephrolith.common import weights
-    from nephrolith.common.config import PreprocessConfig, to_dict
+    from nephrolith.common.config import ModelConfig, PreprocessConfig, to_dict
     from nephrolith.common.model import build_model, tiny_model_config
 
-    model = build_model(tiny_model_config(64))
+    if kind == "tiny":
+        config = tiny_model_config(64)
+    else:
+        config = ModelConfig(backbone_source="keras", backbone_weights="none", input_size=224)
+    model = build_model(config)
     metadata = {
-        "preprocess": to_dict(PreprocessConfig(image_size=64)),
+        "preprocess": to_dict(PreprocessConfig(image_size=config.input_size)),
         "threshold": 0.5,
         "provenance": {"trained_on": "nothing (random init, load benchmark)"},
     }
@@ -177,13 +186,15 @@ def machine() -> str:
     meminfo = Path("/proc/meminfo")
     if meminfo.exists():
         mem_kib = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
+    load_1min = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
-        f"{cpu}, {cores} cores available, {mem_kib / 2**20:.0f} GiB RAM, "
+        f"{cpu}, {cores} cores available, 1-min load average {load_1min:.1f} at the start, "
+        f"{mem_kib / 2**20:.0f} GiB RAM, "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
     )
 
 
-def markdown(result: dict, command: str) -> str:
+def markdown(result: dict, command: str, label: str) -> str:
     rows = [
         ("requests (sent / planned)", f"{result['requests_sent']} / {result['requests_planned']}"),
         ("concurrent clients", str(result["concurrency"])),
@@ -201,8 +212,8 @@ def markdown(result: dict, command: str) -> str:
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return (
-        f"{START_MARK}\n"
-        "### Loopback load run of POST /v1/predict\n\n"
+        f"{START_MARK.format(label=label)}\n"
+        f"### Loopback load run of POST /v1/predict ({label})\n\n"
         f"- command: `{command}`\n"
         f"- date: {result['date']}\n"
         f"- machine: {result['machine']}\n"
@@ -217,15 +228,16 @@ def markdown(result: dict, command: str) -> str:
         + "\n"
         "| metric | value |\n|---|---|\n"
         f"{table}\n"
-        f"{END_MARK}"
+        f"{END_MARK.format(label=label)}"
     )
 
 
-def write_benchmarks(section: str) -> None:
+def write_benchmarks(section: str, label: str) -> None:
     text = BENCHMARKS_MD.read_text(encoding="utf-8") if BENCHMARKS_MD.exists() else HEADER
-    if START_MARK in text and END_MARK in text:
-        before, rest = text.split(START_MARK, 1)
-        after = rest.split(END_MARK, 1)[1]
+    start, end = START_MARK.format(label=label), END_MARK.format(label=label)
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
         text = before + section + after
     else:
         if "## Inference API" not in text:
@@ -240,7 +252,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--checkpoint",
         type=Path,
         default=None,
-        help="checkpoint folder; default: a random-init tiny model built here",
+        help="checkpoint folder; default: a random-init model built here (see --build)",
+    )
+    parser.add_argument(
+        "--build",
+        choices=["tiny", "convnext-tiny"],
+        default="tiny",
+        help="random-init model built when --checkpoint is not given (default tiny)",
     )
     parser.add_argument(
         "--image", type=Path, default=DEFAULT_IMAGE, help="slice sent in every request"
@@ -275,9 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.image.is_file():
         print(f"input image not found: {args.image}; pass --image", file=sys.stderr)
         return 1
+    host = machine()  # before the run, so the load average shows what else was running
     with tempfile.TemporaryDirectory(prefix="nephrolith-bench-") as tmp:
         tmp_path = Path(tmp)
-        checkpoint = args.checkpoint or build_tiny_checkpoint(tmp_path / "checkpoint")
+        checkpoint = args.checkpoint or build_checkpoint(tmp_path / "checkpoint", args.build)
         model = json.loads((checkpoint / "metadata.json").read_text())["model"]
         process, port = start_server(checkpoint, args.threads, tmp_path / "server.log")
         try:
@@ -301,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup,
             "note": args.note,
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine(),
+            "machine": host,
             "model": (
                 f"{model['backbone_source']} backbone, input {model['input_size']} px, "
                 f"{model['embed_dim']}-dim encoder"
@@ -316,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(json.dumps(result, indent=2))
     if not args.no_write:
-        write_benchmarks(markdown(result, command.strip()))
+        label = f"{model['backbone_source']}-{model['input_size']}px"
+        write_benchmarks(markdown(result, command.strip(), label), label)
     return 0 if result["errors"] == 0 else 1
 
 

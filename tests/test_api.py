@@ -568,3 +568,24 @@ def test_config_from_env():
         ApiConfig.from_env({"NEPHROLITH_MAX_SLICES": "many"})
     with pytest.raises(ConfigError, match="max_upload_mb"):
         ApiConfig.from_env({"NEPHROLITH_MAX_UPLOAD_MB": "0"})
+
+
+def test_concurrent_requests_agree(predictor, islam_subset):
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = create_app(predictor, ApiConfig())
+    images = [
+        islam_subset.joinpath(*STONE_JPG).read_bytes(),
+        islam_subset.joinpath(*NORMAL_JPG).read_bytes(),
+    ]
+    sequential = [
+        post(app.test_client(), "/v1/predict", image).json["probability"] for image in images
+    ]
+
+    def predict(index):
+        return post(app.test_client(), "/v1/predict", images[index % 2]).json["probability"]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(predict, range(8)))
+
+    assert parallel == [sequential[i % 2] for i in range(8)]
