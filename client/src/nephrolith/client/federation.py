@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -246,7 +247,7 @@ def _run_supernode(
     reader.start()
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = process.wait()
+        code = _wait_with_grace(process, stopped)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -261,6 +262,28 @@ def _run_supernode(
         reason = diagnose("".join(tail), server, ca) or f"SuperNode exited with code {code}"
         raise JoinError(f"{reason} (SuperNode log: {log_file})")
     return 0
+
+
+def _wait_with_grace(
+    process: subprocess.Popen, stopped: threading.Event, grace_s: float = 15.0
+) -> int:
+    """Wait for the SuperNode; once a stop was requested, kill its group after `grace_s`.
+
+    A SuperNode that is reconnecting to a SuperLink that went away can ignore SIGTERM.
+    """
+    stop_seen: float | None = None
+    while True:
+        try:
+            return process.wait(0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        if stopped.is_set():
+            stop_seen = stop_seen or time.monotonic()
+            if time.monotonic() - stop_seen > grace_s:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 def _terminate_group(pgid: int) -> None:
