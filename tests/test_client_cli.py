@@ -83,8 +83,15 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_run(small_manifest: Path, tiny_config: Path) -> Path:
     out = small_manifest.parent / "run"
     result = _run(
-        "train-local", str(small_manifest.parent), "--manifest", str(small_manifest),
-        "--config", str(tiny_config), "--out", str(out), cwd=small_manifest.parent,
+        "train-local",
+        str(small_manifest.parent),
+        "--manifest",
+        str(small_manifest),
+        "--config",
+        str(tiny_config),
+        "--out",
+        str(out),
+        cwd=small_manifest.parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -140,8 +147,15 @@ def test_evaluate_writes_report(trained_run: Path, small_manifest: Path):
     out = trained_run / "report"
 
     result = _run(
-        "evaluate", str(trained_run / "checkpoint"), str(small_manifest.parent),
-        "--manifest", str(small_manifest), "--out", str(out), "--n-boot", "50",
+        "evaluate",
+        str(trained_run / "checkpoint"),
+        str(small_manifest.parent),
+        "--manifest",
+        str(small_manifest),
+        "--out",
+        str(out),
+        "--n-boot",
+        "50",
         cwd=small_manifest.parent,
     )
 
@@ -159,12 +173,19 @@ def test_predict_writes_json_lines(trained_run: Path, islam_subset: Path, tmp_pa
     broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
 
     result = _run(
-        "predict", str(trained_run / "checkpoint"), str(image), str(broken),
-        "--out", str(tmp_path / "pred"), cwd=tmp_path,
+        "predict",
+        str(trained_run / "checkpoint"),
+        str(image),
+        str(broken),
+        "--out",
+        str(tmp_path / "pred"),
+        cwd=tmp_path,
     )
 
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [json.loads(x) for x in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(x) for x in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()
+    ]
     assert len(lines) == 2
     assert 0.0 <= lines[0]["probability"] <= 1.0
     assert lines[0]["label"] in ("stone", "no_stone")
@@ -176,8 +197,15 @@ def test_train_local_reports_missing_manifest_column(tmp_path: Path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("path,label\nx.jpg,stone\n")
 
-    result = _run("train-local", str(tmp_path), "--manifest", str(manifest),
-                  "--out", str(tmp_path / "run"), cwd=tmp_path)
+    result = _run(
+        "train-local",
+        str(tmp_path),
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(tmp_path / "run"),
+        cwd=tmp_path,
+    )
 
     assert result.returncode == 1
     assert "patient_id" in result.stderr

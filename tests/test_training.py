@@ -53,7 +53,7 @@ def test_fedprox_gradient_matches_formula():
     trainer.set_anchor()
     rng = np.random.default_rng(0)
     deltas = [rng.normal(size=w.shape).astype(np.float32) for w in model.trainable_weights]
-    for weight, delta in zip(model.trainable_weights, deltas):
+    for weight, delta in zip(model.trainable_weights, deltas, strict=True):
         weight.assign_add(delta)
     x = rng.uniform(0, 255, size=(4, 8, 8, 3)).astype(np.float32)
     y = np.array([0, 1, 0, 1])
@@ -63,7 +63,7 @@ def test_fedprox_gradient_matches_formula():
     data_grads, total_grads = trainer.objective_gradients(x, y, proximal_mu=mu)
 
     # Assert: d/dw [mu/2 ||w - a||^2] = mu (w - a) = mu * delta.
-    for data, total, delta in zip(data_grads, total_grads, deltas):
+    for data, total, delta in zip(data_grads, total_grads, deltas, strict=True):
         np.testing.assert_allclose(total - data, mu * delta, rtol=1e-4, atol=1e-4)
 
 
@@ -79,7 +79,8 @@ def test_fedprox_keeps_weights_near_anchor():
         start = [w.numpy() for w in model.trainable_weights]
         Trainer(model, cfg).fit(x, y, epochs=3, proximal_mu=mu)
         drifts[mu] = sum(
-            float(np.sum((w.numpy() - s) ** 2)) for w, s in zip(model.trainable_weights, start)
+            float(np.sum((w.numpy() - s) ** 2))
+            for w, s in zip(model.trainable_weights, start, strict=True)
         )
 
     assert drifts[50.0] < drifts[0.0]

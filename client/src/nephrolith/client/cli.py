@@ -1,4 +1,4 @@
-"""`nephrolith-client`: the hospital's command line (data checks, local training, federation, API)."""
+"""`nephrolith-client`: the hospital command line for data checks, training, federation and API."""
 
 from __future__ import annotations
 
@@ -104,7 +104,9 @@ def _print_check(result: Any) -> None:
             # One row per group is too long for a terminal; the manifest lists them.
             continue
         if isinstance(value, dict):
-            value = ", ".join(f"{k}: {v}" for k, v in sorted(value.items(), key=lambda kv: str(kv[0])))
+            value = ", ".join(
+                f"{k}: {v}" for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+            )
         table.add_row(str(key), str(value))
     console.print(table)
     if result.rejects:
@@ -128,7 +130,10 @@ def _configs(
     if unknown:
         raise NephrolithError(f"{config}: unknown sections {unknown}; use model, preprocess, train")
     model = {**base.get("model", {}), **{k: v for k, v in overrides_model.items() if v is not None}}
-    pre = {**base.get("preprocess", {}), **{k: v for k, v in overrides_pre.items() if v is not None}}
+    pre = {
+        **base.get("preprocess", {}),
+        **{k: v for k, v in overrides_pre.items() if v is not None},
+    }
     train = {**base.get("train", {}), **{k: v for k, v in overrides_train.items() if v is not None}}
     pre_cfg = from_dict(PreprocessConfig, pre, "preprocess")
     model.setdefault("input_size", pre_cfg.image_size)
@@ -149,25 +154,33 @@ def train_local_cmd(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option(exists=True, dir_okay=False, help="JSON with model/preprocess/train sections."),
+        typer.Option(
+            exists=True, dir_okay=False, help="JSON with model/preprocess/train sections."
+        ),
     ] = None,
     backbone: Annotated[
         str | None, typer.Option(help="Backbone source: keras, hub or compact. Default keras.")
     ] = None,
     weights: Annotated[
         str | None,
-        typer.Option(help="Keras backbone weights: imagenet, none or a .h5 file. Default imagenet."),
+        typer.Option(
+            help="Keras backbone weights: imagenet, none or a .h5 file. Default imagenet."
+        ),
     ] = None,
     hub_handle: Annotated[
         str | None, typer.Option(help="TF Hub URL or local SavedModel folder (backbone hub).")
     ] = None,
-    image_size: Annotated[int | None, typer.Option(help="Model input side in px. Default 224.")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Model input side in px. Default 224.")
+    ] = None,
     window: Annotated[
         str | None, typer.Option(help="HU window: soft_tissue, bone or stone. Default soft_tissue.")
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs. Default 10.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step. Default 16.")] = None,
-    learning_rate: Annotated[float | None, typer.Option(help="Peak AdamW rate. Default 3e-4.")] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Peak AdamW rate. Default 3e-4.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for split, init and shuffling.")] = None,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Folder to cache preprocessed arrays between runs.")
@@ -180,8 +193,12 @@ def train_local_cmd(
 
     model_cfg, pre_cfg, train_cfg = _configs(
         config,
-        {"backbone_source": backbone, "backbone_weights": weights, "hub_handle": hub_handle,
-         "input_size": image_size},
+        {
+            "backbone_source": backbone,
+            "backbone_weights": weights,
+            "hub_handle": hub_handle,
+            "input_size": image_size,
+        },
         {"image_size": image_size, "window": window},
         {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed},
     )
@@ -198,8 +215,14 @@ def train_local_cmd(
             )
 
         run = train_local(
-            folder, out, model_cfg=model_cfg, preprocess_cfg=pre_cfg, train_cfg=train_cfg,
-            manifest=manifest, cache_dir=cache_dir, on_epoch=on_epoch,
+            folder,
+            out,
+            model_cfg=model_cfg,
+            preprocess_cfg=pre_cfg,
+            train_cfg=train_cfg,
+            manifest=manifest,
+            cache_dir=cache_dir,
+            on_epoch=on_epoch,
         )
     console.print(f"checkpoint: {run.checkpoint_dir}  threshold: {run.threshold:.4f}")
     console.print_json(json.dumps(run.val_metrics))
@@ -216,14 +239,22 @@ def evaluate_cmd(
         Path | None, typer.Option(exists=True, dir_okay=False, help="Manifest CSV with splits.")
     ] = None,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples of groups for 95 % CIs.")] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of the split (as in training) and bootstrap.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the split (as in training) and bootstrap.")
+    ] = 0,
     cache_dir: Annotated[Path | None, typer.Option(help="Preprocessed-array cache folder.")] = None,
 ) -> None:
     """Evaluate a checkpoint with CIs at image and patient/group level and write a report."""
     from nephrolith.client.local import evaluate_checkpoint
 
     result = evaluate_checkpoint(
-        checkpoint, folder, out, split=split, manifest=manifest, n_boot=n_boot, seed=seed,
+        checkpoint,
+        folder,
+        out,
+        split=split,
+        manifest=manifest,
+        n_boot=n_boot,
+        seed=seed,
         cache_dir=cache_dir,
     )
     _print_metrics(result)
@@ -255,9 +286,13 @@ def _print_metrics(result: dict[str, Any]) -> None:
 @_handle_errors
 def predict_cmd(
     checkpoint: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Checkpoint.")],
-    inputs: Annotated[list[Path], typer.Argument(exists=True, help="Files or DICOM series folders.")],
+    inputs: Annotated[
+        list[Path], typer.Argument(exists=True, help="Files or DICOM series folders.")
+    ],
     out: Annotated[Path, typer.Option(help="Folder for predictions.jsonl and heatmap PNGs.")],
-    heatmaps: Annotated[bool, typer.Option("--heatmaps/--no-heatmaps", help="Write heatmaps.")] = True,
+    heatmaps: Annotated[
+        bool, typer.Option("--heatmaps/--no-heatmaps", help="Write heatmaps.")
+    ] = True,
 ) -> None:
     """Predict the stone probability per image (and per series) with heatmaps, as JSON lines."""
     from nephrolith.client.predict import predict_paths
@@ -286,8 +321,11 @@ def show_config() -> None:
     """Print the default model, preprocessing and training settings as JSON."""
     typer.echo(
         json.dumps(
-            {"model": to_dict(ModelConfig()), "preprocess": to_dict(PreprocessConfig()),
-             "train": to_dict(TrainConfig())},
+            {
+                "model": to_dict(ModelConfig()),
+                "preprocess": to_dict(PreprocessConfig()),
+                "train": to_dict(TrainConfig()),
+            },
             indent=2,
         )
     )

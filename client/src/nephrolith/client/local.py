@@ -59,7 +59,9 @@ def load_records(data_dir: Path, manifest: Path | None, seed: int) -> list[Any]:
     source = manifest if manifest is not None else data_dir
     records = data.discover(source)
     if not records:
-        raise DataError(f"{source}: no readable CT images found; run `nephrolith-client check-data`")
+        raise DataError(
+            f"{source}: no readable CT images found; run `nephrolith-client check-data`"
+        )
     if any(not r.split for r in records):
         records = data.assign_splits(records, seed=seed)
     return records
@@ -122,7 +124,10 @@ def train_local(
     x_val, y_val, val_groups = _split_arrays(records, "val", preprocess_cfg, cache_dir)
     logger.info(
         "train: %d images (%d stone), val: %d images (%d stone)",
-        len(y_train), int(y_train.sum()), len(y_val), int(y_val.sum()),
+        len(y_train),
+        int(y_train.sum()),
+        len(y_val),
+        int(y_val.sum()),
     )
 
     # Model and training.
@@ -163,8 +168,11 @@ def train_local(
     (out_dir / "history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
     (out_dir / "config.json").write_text(
         json.dumps(
-            {"model": to_dict(model_cfg), "preprocess": to_dict(preprocess_cfg),
-             "train": to_dict(train_cfg)},
+            {
+                "model": to_dict(model_cfg),
+                "preprocess": to_dict(preprocess_cfg),
+                "train": to_dict(train_cfg),
+            },
             indent=2,
         ),
         encoding="utf-8",
@@ -223,8 +231,9 @@ def evaluate_checkpoint(
     sites = _sites_for(records, split, groups)
 
     probs = predict_probs(model, x)
-    result = metrics.evaluate(y, probs, groups, float(meta["threshold"]), sites=sites,
-                              n_boot=n_boot, seed=seed)
+    result = metrics.evaluate(
+        y, probs, groups, float(meta["threshold"]), sites=sites, n_boot=n_boot, seed=seed
+    )
     result["checkpoint"] = str(checkpoint_dir)
     result["split"] = split
     result["model_provenance"] = meta.get("provenance", {})

@@ -63,7 +63,9 @@ class PreprocessConfig:
         if not 16 <= self.image_size <= 1024:
             raise ConfigError(f"preprocess.image_size: expected 16..1024 px, got {self.image_size}")
         if self.unsharp_amount < 0:
-            raise ConfigError(f"preprocess.unsharp_amount: expected >= 0, got {self.unsharp_amount}")
+            raise ConfigError(
+                f"preprocess.unsharp_amount: expected >= 0, got {self.unsharp_amount}"
+            )
 
     @property
     def hu_bounds(self) -> tuple[float, float]:
@@ -128,9 +130,7 @@ class ModelConfig:
                 f"model.num_heads ({self.num_heads})"
             )
         if self.freeze_fraction is not None and not 0.0 <= self.freeze_fraction <= 1.0:
-            raise ConfigError(
-                f"model.freeze_fraction: expected 0..1, got {self.freeze_fraction}"
-            )
+            raise ConfigError(f"model.freeze_fraction: expected 0..1, got {self.freeze_fraction}")
         if len(self.compact_depths) != 4 or len(self.compact_dims) != 4:
             raise ConfigError("model.compact_depths and model.compact_dims need 4 stages each")
 
@@ -178,11 +178,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(
-                f"train: epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}"
+                "train: epochs and batch_size must be >= 1, "
+                f"got {self.epochs} and {self.batch_size}"
             )
         if self.class_weighting not in {"balanced", "none"}:
             raise ConfigError(
-                f"train.class_weighting: expected 'balanced' or 'none', got {self.class_weighting!r}"
+                "train.class_weighting: expected 'balanced' or 'none', "
+                f"got {self.class_weighting!r}"
             )
 
 

@@ -1,4 +1,4 @@
-"""Exception types raised by nephrolith; each message names the input, the expectation and the fix."""
+"""Exception types of nephrolith; messages name the input, the expectation and the fix."""
 
 from __future__ import annotations
 

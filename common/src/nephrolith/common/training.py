@@ -115,11 +115,14 @@ class Trainer:
                     tf.reduce_sum(weights), 1e-6
                 )
                 prox = tf.add_n(
-                    [tf.reduce_sum(tf.square(w - a)) for w, a in zip(self._trainable, self._anchor)]
+                    [
+                        tf.reduce_sum(tf.square(w - a))
+                        for w, a in zip(self._trainable, self._anchor, strict=True)
+                    ]
                 )
                 total = loss + 0.5 * self._mu * prox
             grads = tape.gradient(total, self._trainable)
-            self.optimizer.apply_gradients(zip(grads, self._trainable))
+            self.optimizer.apply_gradients(zip(grads, self._trainable, strict=True))
             return loss, total
 
         return step
@@ -144,7 +147,10 @@ class Trainer:
             w = tf.gather(tf.constant(weights, tf.float32), tf.convert_to_tensor(y, tf.int64))
             loss = tf.reduce_sum(per_example * w) / tf.maximum(tf.reduce_sum(w), 1e-6)
             prox = tf.add_n(
-                [tf.reduce_sum(tf.square(v - a)) for v, a in zip(self._trainable, self._anchor)]
+                [
+                    tf.reduce_sum(tf.square(v - a))
+                    for v, a in zip(self._trainable, self._anchor, strict=True)
+                ]
             )
             total = loss + 0.5 * proximal_mu * prox
         data_grads = [g.numpy() for g in tape.gradient(loss, self._trainable)]
@@ -154,7 +160,7 @@ class Trainer:
 
     def set_anchor(self) -> None:
         """Make the current trainable weights the FedProx anchor w_global."""
-        for anchor, weight in zip(self._anchor, self._trainable):
+        for anchor, weight in zip(self._anchor, self._trainable, strict=True):
             anchor.assign(weight)
 
     def _reset_optimizer(self) -> None:
