@@ -11,7 +11,7 @@ CERTS_DIR ?= certs
 export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
 
-.PHONY: setup demo demo-local test test-quick browser certs server join serve lint bench clean
+.PHONY: setup demo demo-local test test-quick browser certs lint bench clean
 
 $(STAMP): requirements/runtime.txt requirements/nodeps.txt requirements/dev.txt common/pyproject.toml client/pyproject.toml server/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,11 +177,10 @@ def handle_train(msg: Message, context: Context, site_dirs: Sequence[str] = ()) 
 
     # The same seed per round in a fresh process and in a reused one, so a simulation
     # and a deployment with the same inputs produce the same weights.
-    trainer.cfg = replace(train_cfg, seed=seed + 1000 * server_round)
-    trainer._fit_calls = 0  # NOTE: Trainer derives its shuffle seed from this counter.
+    round_seed = seed + 1000 * server_round
     import tf_keras as keras
 
-    keras.utils.set_random_seed(seed + 1000 * server_round)
+    keras.utils.set_random_seed(round_seed)
     mu = float(config.get(PROXIMAL_MU_KEY, 0.0))
     history = trainer.fit(
         site.x_train,
@@ -190,6 +189,7 @@ def handle_train(msg: Message, context: Context, site_dirs: Sequence[str] = ()) 
         learning_rate=float(config.get(LEARNING_RATE_KEY, train_cfg.learning_rate)),
         proximal_mu=mu,
         patience=0,
+        seed=round_seed,
     )
     metrics = MetricRecord(
         {

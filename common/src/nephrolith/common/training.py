@@ -180,6 +180,7 @@ class Trainer:
         val: tuple[np.ndarray, np.ndarray] | None = None,
         patience: int | None = None,
         on_epoch: EpochCallback | None = None,
+        seed: int | None = None,
     ) -> list[dict[str, Any]]:
         """Train on (x, y) and return one history entry per epoch.
 
@@ -193,6 +194,10 @@ class Trainer:
             patience: early-stopping patience on val_auc; defaults to cfg.patience when
                 `val` is given, and the best weights are restored at the end.
             on_epoch: called with each history entry as it is produced.
+            seed: seed of shuffling and augmentation for this call; by default it is
+                derived from cfg.seed and the number of earlier calls, so repeated
+                calls differ. A federated round passes its own seed, so a fresh process
+                and a reused one shuffle identically.
 
         Raises:
             DataError: when x is empty or x and y differ in length.
@@ -219,7 +224,9 @@ class Trainer:
         self._class_weight.assign(weights.astype(np.float32))
         self._reset_optimizer()
 
-        rng = np.random.default_rng(self.cfg.seed + 7919 * self._fit_calls)
+        if seed is None:
+            seed = self.cfg.seed + 7919 * self._fit_calls
+        rng = np.random.default_rng(seed)
         self._fit_calls += 1
         batch = self.cfg.batch_size
         steps_per_epoch = math.ceil(len(x) / batch)
