@@ -36,6 +36,11 @@ BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
 # One BENCHMARKS.md entry per model, between these markers; a rerun replaces its own entry.
 START_MARK = "<!-- api-load:{label}:start -->"
 END_MARK = "<!-- api-load:{label}:end -->"
+BACKBONE_NAMES = {
+    "keras": "ConvNeXt-Tiny (keras.applications)",
+    "hub": "ConvNeXt-Tiny (TensorFlow Hub)",
+    "compact": "compact ConvNeXt",
+}
 HEADER = (
     "# Benchmarks\n\nMeasured numbers of nephrolith, each with its command, machine and date.\n"
 )
@@ -219,7 +224,8 @@ def markdown(result: dict, command: str, label: str) -> str:
         f"- machine: {result['machine']}\n"
         f"- model: {result['model']}\n"
         f"- input: {result['input']}\n"
-        "- server: waitress on 127.0.0.1, model runs serialised by the predictor's lock; "
+        "- server: waitress on 127.0.0.1, model runs go one batch at a time through the "
+        "predictor's model thread; "
         "latency is measured by the client and includes queueing behind other requests.\n"
         f"- warm-up requests not counted: {result['warmup']}\n"
         "- every request runs Grad-CAM (forward and backward pass), which the stone "
@@ -322,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": host,
             "model": (
-                f"{model['backbone_source']} backbone, input {model['input_size']} px, "
+                f"{BACKBONE_NAMES.get(model['backbone_source'], model['backbone_source'])} "
+                f"backbone, input {model['input_size']} px, "
                 f"{model['embed_dim']}-dim encoder"
                 + ("" if args.checkpoint else " (random init, built by the script)")
             ),
