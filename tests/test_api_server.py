@@ -103,7 +103,7 @@ def test_server_fuzzed_from_openapi_has_no_server_error(server, tmp_path):
         "1",
         "--seed",
         "7",
-                "--checks",
+        "--checks",
         "not_a_server_error,status_code_conformance,content_type_conformance,"
         "response_schema_conformance",
         "--generation-database",
@@ -117,7 +117,10 @@ def test_server_fuzzed_from_openapi_has_no_server_error(server, tmp_path):
         str(tmp_path),
     ]
 
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    # Run in tmp_path: schemathesis keeps a .schemathesis cache folder in its working directory.
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path
+    )
 
     assert result.returncode == 0, result.stdout[-4000:]
     assert "passed" in result.stdout
