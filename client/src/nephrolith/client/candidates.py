@@ -155,6 +155,8 @@ def find_candidates(
 
     # Connectivity: all neighbours touching by a face, edge or corner.
     hot = heat >= settings.heat_threshold
+    # NOTE: any small dense structure under the heat passes, including vascular
+    # calcifications, contrast-filled vessels and bone fragments; a reader must confirm.
     if hu is not None:
         mask, kind = hot & (hu >= settings.stone_hu_min), "hu"
     else:
