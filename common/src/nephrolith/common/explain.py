@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from typing import Any
 
 import cv2
 import numpy as np
@@ -23,6 +24,11 @@ STONE_INDEX = 1
 
 # One explainer (same layers and weights, two outputs) per classifier, dropped with it.
 _EXPLAINERS: weakref.WeakKeyDictionary[keras.Model, keras.Model] = weakref.WeakKeyDictionary()
+# Traced Grad-CAM functions per classifier and class index. Tracing once makes a
+# call many times faster than running the tape eagerly (see BENCHMARKS.md).
+_CAM_FUNCTIONS: weakref.WeakKeyDictionary[keras.Model, dict[int, Any]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def grad_cam(
@@ -58,21 +64,37 @@ def grad_cam(
             f"grad_cam: class_index must be in 0..{num_classes - 1}, got {class_index}"
         )
 
-    explainer = _explainer(model)
-    with tf.GradientTape() as tape:
-        features, logits = explainer(tf.convert_to_tensor(x), training=False)
-        if num_classes == 2:
-            score = logits[:, class_index] - logits[:, 1 - class_index]
-        else:
-            score = logits[:, class_index]
-    grads = tape.gradient(score, features)
-
-    probs = tf.nn.softmax(logits, axis=-1)[:, class_index].numpy()
-    alpha = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    cams = tf.nn.relu(tf.reduce_sum(alpha * features, axis=-1)).numpy()
+    probs, cams = _cam_function(model, class_index)(tf.convert_to_tensor(x))
+    probs, cams = probs.numpy(), cams.numpy()
     size = (int(x.shape[2]), int(x.shape[1]))
     heatmaps = np.stack([_upsample_normalised(cam, size) for cam in cams])
     return probs.astype(np.float32), heatmaps
+
+
+def _cam_function(model: keras.Model, class_index: int) -> Any:
+    """Return a traced function mapping images to (class probabilities, raw CAMs (N, h, w))."""
+    functions = _CAM_FUNCTIONS.setdefault(model, {})
+    if class_index in functions:
+        return functions[class_index]
+    explainer = _explainer(model)
+    num_classes = int(model.output_shape[-1])
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
+
+    @tf.function(input_signature=[spec])
+    def cam(images: Any) -> Any:
+        with tf.GradientTape() as tape:
+            features, logits = explainer(images, training=False)
+            if num_classes == 2:
+                score = logits[:, class_index] - logits[:, 1 - class_index]
+            else:
+                score = logits[:, class_index]
+        grads = tape.gradient(score, features)
+        probs = tf.nn.softmax(logits, axis=-1)[:, class_index]
+        alpha = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+        return probs, tf.nn.relu(tf.reduce_sum(alpha * features, axis=-1))
+
+    functions[class_index] = cam
+    return cam
 
 
 def _explainer(model: keras.Model) -> keras.Model:
