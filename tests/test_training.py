@@ -108,3 +108,16 @@ def test_fit_rejects_empty_split():
     trainer = Trainer(_linear_model(), TrainConfig())
     with pytest.raises(DataError, match="empty"):
         trainer.fit(np.zeros((0, 8, 8, 3), np.float32), np.zeros((0,), np.int64), epochs=1)
+
+
+def test_single_class_validation_runs_all_epochs(caplog):
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 255, size=(16, 8, 8, 3)).astype(np.float32)
+    y = np.array([0, 1] * 8)
+    trainer = Trainer(_linear_model(seed=6), TrainConfig(augment=False, patience=1))
+
+    with caplog.at_level("WARNING", logger="nephrolith.common.training"):
+        history = trainer.fit(x, y, epochs=3, val=(x[:4], np.zeros(4, np.int64)))
+
+    assert len(history) == 3
+    assert "early stopping is off" in caplog.text

@@ -21,6 +21,9 @@ from nephrolith.common.errors import DataError
 
 logger = logging.getLogger(__name__)
 
+# Decision threshold used when the validation split cannot tune one.
+DEFAULT_THRESHOLD = 0.5
+
 
 @dataclass(frozen=True)
 class LocalRun:
@@ -140,7 +143,15 @@ def train_local(
 
     # Threshold on validation data, never on test data.
     val_probs = predict_probs(model, x_val)
-    threshold = metrics.choose_threshold(y_val, val_probs)
+    if len(np.unique(y_val)) == 2:
+        threshold = metrics.choose_threshold(y_val, val_probs)
+    else:
+        threshold = DEFAULT_THRESHOLD
+        logger.warning(
+            "validation split has a single class, so no threshold can be tuned on it; "
+            "using %.2f. Give the validation split patients of both classes.",
+            threshold,
+        )
     val_metrics = metrics.binary_metrics(y_val, val_probs, threshold)
 
     metadata = {

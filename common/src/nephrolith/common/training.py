@@ -211,6 +211,12 @@ class Trainer:
         epochs = epochs or self.cfg.epochs
         peak = learning_rate or self.cfg.learning_rate
         patience = self.cfg.patience if patience is None else patience
+        if val is not None and len(np.unique(val[1])) < 2:
+            logger.warning(
+                "validation split has a single class: validation AUC is undefined, so "
+                "early stopping is off and the last epoch's weights are kept"
+            )
+            patience = 0
         if len(np.unique(y)) < 2:
             logger.warning(
                 "training split has a single class (%s): the model can only learn a prior",
