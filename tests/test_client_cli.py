@@ -209,3 +209,31 @@ def test_train_local_reports_missing_manifest_column(tmp_path: Path):
 
     assert result.returncode == 1
     assert "patient_id" in result.stderr
+
+
+@pytest.mark.slow
+def test_cross_validate_tests_every_group_once(small_manifest: Path, tiny_config: Path):
+    out = small_manifest.parent / "cv"
+
+    result = _run(
+        "cross-validate",
+        str(small_manifest.parent),
+        "--manifest",
+        str(small_manifest),
+        "--config",
+        str(tiny_config),
+        "--folds",
+        "2",
+        "--n-boot",
+        "50",
+        "--out",
+        str(out),
+        cwd=small_manifest.parent,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    folds = json.loads((out / "folds.json").read_text())
+    assert sum(f["n_test"] for f in folds) == 64
+    assert sum(f["n_test_groups"] for f in folds) == 8
+    assert report["group"]["metrics"]["n"] == 8

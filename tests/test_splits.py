@@ -277,3 +277,31 @@ def test_partition_custom_site_names() -> None:
     sites = data.iid_partition(records, 2, site_names=["hospital-a", "hospital-b"])
 
     assert [{r.site for r in site} for site in sites] == [{"hospital-a"}, {"hospital-b"}]
+
+
+def test_group_folds_keep_groups_whole(islam_subset):
+    from nephrolith.common import data
+
+    records = data.discover(islam_subset)
+
+    folds = data.group_folds(records, 5, seed=0)
+
+    fold_of_group: dict[str, set[int]] = {}
+    for record, fold in zip(records, folds, strict=True):
+        fold_of_group.setdefault(record.group, set()).add(fold)
+    assert all(len(f) == 1 for f in fold_of_group.values())
+    for fold in range(5):
+        labels = {r.binary_label for r, f in zip(records, folds, strict=True) if f == fold}
+        assert labels == {0, 1}, f"fold {fold} lacks a class"
+    assert folds == data.group_folds(records, 5, seed=0)
+    assert folds != data.group_folds(records, 5, seed=1)
+
+
+def test_group_folds_rejects_too_many_folds(islam_subset):
+    from nephrolith.common import data
+    from nephrolith.common.errors import DataError
+
+    records = [r for r in data.discover(islam_subset) if r.group in {"stone-g01", "cyst-g02"}]
+
+    with pytest.raises(DataError, match="2 groups cannot fill 3 folds"):
+        data.group_folds(records, 3)

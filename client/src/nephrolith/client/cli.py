@@ -228,6 +228,44 @@ def train_local_cmd(
     console.print_json(json.dumps(run.val_metrics))
 
 
+@app.command("cross-validate")
+@_handle_errors
+def cross_validate_cmd(
+    folder: ExistingDir,
+    out: Annotated[Path, typer.Option(help="Folder for report.json, folds.json and plots.")],
+    folds: Annotated[int, typer.Option(help="Number of group folds.")] = 5,
+    manifest: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Manifest CSV to use.")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="JSON with model/preprocess/train sections."
+        ),
+    ] = None,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples of groups for 95 % CIs.")] = 1000,
+    cache_dir: Annotated[Path | None, typer.Option(help="Preprocessed-array cache folder.")] = None,
+) -> None:
+    """Cross-validate by group: every group is tested once by a model that never saw it."""
+    from nephrolith.client.crossval import cross_validate
+
+    model_cfg, pre_cfg, train_cfg = _configs(config, {}, {}, {})
+    result = cross_validate(
+        folder,
+        out,
+        model_cfg=model_cfg,
+        preprocess_cfg=pre_cfg,
+        train_cfg=train_cfg,
+        n_folds=folds,
+        manifest=manifest,
+        cache_dir=cache_dir,
+        n_boot=n_boot,
+    )
+    result["split"] = "out-of-fold"
+    _print_metrics(result)
+    console.print(f"report: {out / 'report.html'}")
+
+
 @app.command("evaluate")
 @_handle_errors
 def evaluate_cmd(

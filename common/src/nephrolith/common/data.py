@@ -38,6 +38,7 @@ from nephrolith.common.manifest import (
 from nephrolith.common.splits import (
     assign_splits,
     dirichlet_partition,
+    group_folds,
     group_label,
     group_records,
     iid_partition,
@@ -60,6 +61,7 @@ __all__ = [
     "dirichlet_partition",
     "discover",
     "discover_with_rejects",
+    "group_folds",
     "group_label",
     "group_records",
     "iid_partition",

@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
+
 from nephrolith.common.errors import ConfigError, DataError
 from nephrolith.common.manifest import SPLIT_NAMES, Record
 
@@ -316,3 +317,40 @@ def iid_partition(
     return _partition(
         records, n_sites, seed, by, site_names, lambda rng: np.full(n_sites, 1.0 / n_sites)
     )
+
+
+def group_folds(records: Sequence[Record], n_folds: int, seed: int = 0) -> list[int]:
+    """Return a cross-validation fold index per record, keeping every group in one fold.
+
+    Stone and no-stone groups are dealt out separately: in a seeded random order,
+    each group goes to the fold that holds the fewest records of its class so far,
+    so folds get similar sizes and both classes wherever there are enough groups.
+
+    Args:
+        records: records with `group` set.
+        n_folds: number of folds, at least 2.
+        seed: seed of the group order.
+
+    Raises:
+        DataError: when there are fewer groups than folds.
+    """
+    if n_folds < 2:
+        raise DataError(f"cross-validation needs at least 2 folds, got {n_folds}")
+    groups = group_records(records)
+    if len(groups) < n_folds:
+        raise DataError(
+            f"cross-validation: {len(groups)} groups cannot fill {n_folds} folds; "
+            "use fewer folds"
+        )
+    rng = np.random.default_rng(seed)
+    fold_of_group: dict[str, int] = {}
+    for label in (1, 0):
+        names = sorted(g for g, members in groups.items() if group_label(members) == label)
+        load = np.zeros(n_folds, dtype=np.int64)
+        for name in rng.permutation(names):
+            # Ties between equally loaded folds are broken at random with the seed.
+            candidates = np.flatnonzero(load == load.min())
+            fold = int(rng.choice(candidates))
+            fold_of_group[str(name)] = fold
+            load[fold] += len(groups[str(name)])
+    return [fold_of_group[r.group] for r in records]
