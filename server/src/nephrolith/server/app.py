@@ -110,8 +110,18 @@ class RoundEnd:
         federated = self.strategy.evaluate_metrics.get(server_round, {})
         metric, score = BEST_METRIC, federated.get(BEST_METRIC)
         if score is None or not np.isfinite(score):
-            # No hospital had both classes in its validation split this round.
-            metric, score = "server-auc", (server_metrics or {}).get("server-auc", float("nan"))
+            # No hospital had both classes in its validation split this round. The
+            # server's data may select the best model only when it is not the test
+            # split: choosing a checkpoint on test data would bias its test score.
+            metric, score = "server-auc", float("nan")
+            if self.settings.server_split != "test":
+                score = (server_metrics or {}).get("server-auc", float("nan"))
+            else:
+                logger.warning(
+                    "round %d: no validation AUC from the hospitals; the best checkpoint "
+                    "is not updated because the server evaluates on its test split",
+                    server_round,
+                )
         self._save(server_round, "last", federated, server_metrics, (metric, score))
         if np.isfinite(score) and score > self.best_score:
             self.best_score = float(score)
