@@ -158,6 +158,11 @@ def run_demo(
     )
     image_metrics = result.get("image", {}).get("metrics", {})
     logger.info("held-out site, image level: AUC %s", image_metrics.get("roc_auc"))
+    logger.info(
+        "the demo trains a small model from random init for a few rounds on a few "
+        "synthetic patients: it shows the federation at work (TLS, rounds, checkpoints, "
+        "report), not a trained detector; expect an AUC near chance"
+    )
     logger.info("round log:  %s", out / "run" / "rounds.jsonl")
     logger.info("checkpoint: %s", out / "run" / "checkpoints" / "best")
     logger.info("report:     %s", out / "report" / "report.html")
