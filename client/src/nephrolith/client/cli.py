@@ -91,23 +91,37 @@ def check_data(
         data.write_manifest(records, write_manifest)
         console.print(f"manifest written to {write_manifest} ({len(records)} records)")
     if not result.records:
+        console.print(
+            f"[bold red]error:[/] no usable CT image in {folder}; see the rejects above, "
+            "or check that the folder has class sub-folders or a manifest.csv"
+        )
         raise typer.Exit(code=1)
+
+
+def _format_cell(value: Any) -> str:
+    """Render a summary value as text: a dict as "key: value" lines, a list one item per line."""
+    if isinstance(value, dict):
+        lines = []
+        for key, inner in sorted(value.items(), key=lambda kv: str(kv[0])):
+            if isinstance(inner, dict):
+                inner = ", ".join(f"{k} {v}" for k, v in inner.items())
+            lines.append(f"{key or '(none)'}: {inner}")
+        return "\n".join(lines)
+    if isinstance(value, list | tuple):
+        return "\n".join(str(item) for item in value) if value else "none"
+    return str(value)
 
 
 def _print_check(result: Any) -> None:
     summary = result.summary
     table = Table(title="CT folder summary")
     table.add_column("item")
-    table.add_column("value", justify="right")
+    table.add_column("value")
     for key, value in summary.items():
         if key == "groups":
             # One row per group is too long for a terminal; the manifest lists them.
             continue
-        if isinstance(value, dict):
-            value = ", ".join(
-                f"{k}: {v}" for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
-            )
-        table.add_row(str(key), str(value))
+        table.add_row(str(key), _format_cell(value))
     console.print(table)
     if result.rejects:
         rejects = Table(title=f"{len(result.rejects)} rejected files")

@@ -284,7 +284,9 @@ def partition(
         str, typer.Option("--partition", help="site, iid or dirichlet.")
     ] = "dirichlet",
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
-    seed: SeedOpt = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the train/val/test split and of the partition.")
+    ] = 0,
     limit: LimitOpt = None,
 ) -> None:
     """Share one data folder out as hospital folders (manifests pointing at the source files)."""
