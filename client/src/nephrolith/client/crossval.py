@@ -37,10 +37,10 @@ def cross_validate(
 
     Folds are made of whole groups (patients, or scan groups without patient
     ids), stratified by the group's label. Inside each fold's training groups,
-    VAL_FRACTION of the groups serve for early stopping; no test group ever
-    influences its own model. With few groups a single train/test split gives a
-    test set of a handful of scans, whose AUC depends more on which scans were
-    drawn than on the model; pooling all folds tests every group once.
+    VAL_FRACTION of the groups serve for early stopping, so no test group ever
+    influences its own model. With few groups, a single train/test split leaves a
+    handful of test scans, and its AUC then depends more on which scans were drawn
+    than on the model. Pooling all folds tests every group once.
 
     Pooled threshold metrics use the fixed `threshold` (class-balanced training
     makes 0.5 the natural operating point); ROC-AUC and PR-AUC do not depend on it.

@@ -29,7 +29,7 @@ def predict_paths(
     """Predict every file or DICOM series folder in `inputs` and write predictions.jsonl.
 
     A folder is read as one DICOM series (a study); a file as one slice, or as a
-    study when it holds a volume (NIfTI, multi-frame DICOM). An input that cannot be
+    study when it contains a volume (NIfTI, multi-frame DICOM). An input that cannot be
     read gets a line with its error instead of stopping the run.
 
     Args:
