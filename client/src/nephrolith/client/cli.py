@@ -63,6 +63,13 @@ def _main(
     configure_tensorflow()
 
 
+ManifestOption = Annotated[
+    Path | None, typer.Option(exists=True, dir_okay=False, help="Manifest CSV to use.")
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(exists=True, dir_okay=False, help="JSON with model/preprocess/train sections."),
+]
 ExistingDir = Annotated[
     Path, typer.Argument(exists=True, file_okay=False, help="The hospital's CT folder.")
 ]
@@ -163,15 +170,8 @@ def _configs(
 def train_local_cmd(
     folder: ExistingDir,
     out: Annotated[Path, typer.Option(help="Run folder for the checkpoint and history.")],
-    manifest: Annotated[
-        Path | None, typer.Option(exists=True, dir_okay=False, help="Manifest CSV to use.")
-    ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            exists=True, dir_okay=False, help="JSON with model/preprocess/train sections."
-        ),
-    ] = None,
+    manifest: ManifestOption = None,
+    config: ConfigOption = None,
     backbone: Annotated[
         str | None, typer.Option(help="Backbone source: keras, hub or compact. Default keras.")
     ] = None,
@@ -248,15 +248,8 @@ def cross_validate_cmd(
     folder: ExistingDir,
     out: Annotated[Path, typer.Option(help="Folder for report.json, folds.json and plots.")],
     folds: Annotated[int, typer.Option(help="Number of group folds.")] = 5,
-    manifest: Annotated[
-        Path | None, typer.Option(exists=True, dir_okay=False, help="Manifest CSV to use.")
-    ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            exists=True, dir_okay=False, help="JSON with model/preprocess/train sections."
-        ),
-    ] = None,
+    manifest: ManifestOption = None,
+    config: ConfigOption = None,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples of groups for 95 % CIs.")] = 1000,
     cache_dir: Annotated[Path | None, typer.Option(help="Preprocessed-array cache folder.")] = None,
 ) -> None:
