@@ -146,8 +146,13 @@ def run_demo(
 
     from nephrolith.client.local import evaluate_checkpoint
 
+    # "best" exists once a round had a validation AUC from the hospitals; the held-out
+    # test site never selects it, so without one the last round's model is evaluated.
+    checkpoint = out / "run" / "checkpoints" / "best"
+    if not (checkpoint / "metadata.json").is_file():
+        checkpoint = out / "run" / "checkpoints" / "last"
     result = evaluate_checkpoint(
-        out / "run" / "checkpoints" / "best",
+        checkpoint,
         manifest.parent,
         out / "report",
         split="test",
@@ -164,7 +169,7 @@ def run_demo(
         "report), not a trained detector; expect an AUC near chance"
     )
     logger.info("round log:  %s", out / "run" / "rounds.jsonl")
-    logger.info("checkpoint: %s", out / "run" / "checkpoints" / "best")
+    logger.info("checkpoint: %s", checkpoint)
     logger.info("report:     %s", out / "report" / "report.html")
     return 0
 
