@@ -129,11 +129,11 @@ def test_loss_falls_on_real_slices(islam_subset):
     from nephrolith.common.model import build_model, tiny_model_config
 
     # Prepare: 12 slices from each of 4 stone and 4 non-stone scan groups.
-    wanted = {"stone-g04", "stone-g05", "stone-g11", "stone-g23",
+    chosen_groups = {"stone-g04", "stone-g05", "stone-g11", "stone-g23",
               "normal-g01", "cyst-g11", "tumor-g03", "normal-g02"}
     records, per_group = [], {}
     for record in data.discover(islam_subset):
-        if record.group in wanted and per_group.get(record.group, 0) < 12:
+        if record.group in chosen_groups and per_group.get(record.group, 0) < 12:
             per_group[record.group] = per_group.get(record.group, 0) + 1
             records.append(record)
     records = data.assign_splits(records, fractions=(1.0, 0.0, 0.0), seed=0, overwrite=True)

@@ -54,7 +54,7 @@ def git_revision() -> str:
 def load_records(data_dir: Path, manifest: Path | None, seed: int) -> list[Any]:
     """Discover the records of a CT folder and give every record a split.
 
-    Records that already have a split (from a manifest) keep it; the others are
+    Records that already have a split (from a manifest) keep it. The others are
     split by patient, or by group without patient ids, never by image.
     """
     from nephrolith.common import data
@@ -229,7 +229,7 @@ def evaluate_checkpoint(
     """Evaluate a checkpoint on one split and write the JSON, PNG and HTML report.
 
     The split must come from a manifest or a seeded split of the same data the
-    checkpoint was trained on; `seed` must then equal the training seed.
+    checkpoint was trained on. With a seeded split, `seed` must equal the training seed.
     """
     from nephrolith.common import metrics, report
     from nephrolith.common.training import predict_probs

@@ -210,7 +210,7 @@ def preprocess_slice(pixels2d: np.ndarray, is_hu: bool, cfg: PreprocessConfig) -
         float32 (S, S, 3), S = cfg.image_size, three equal channels in 0..255.
 
     Raises:
-        DataError: when the slice is not 2-D or holds non-finite values.
+        DataError: when the slice is not 2-D or contains non-finite values.
     """
     global _display_input_logged
     pixels = _check_slice(pixels2d)

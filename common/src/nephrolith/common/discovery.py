@@ -190,7 +190,7 @@ def discover_with_rejects(folder: Path) -> tuple[list[Record], list[Reject]]:
 
     The first layout found is used. A manifest .csv is either `folder` itself or
     `folder/manifest.csv`, with columns path,label,patient_id,split and optional
-    group,site, and paths relative to its folder. Otherwise the folder holds class
+    group,site, and paths relative to its folder. Otherwise the folder contains class
     sub-folders `folder/<label>/...`, where a sub-folder made only of DICOM files
     is one series. A `series_groups.csv` (path,series_group and optionally
     linked_islam_subset_group) beside them gives the group of records without a

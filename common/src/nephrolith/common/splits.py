@@ -323,7 +323,7 @@ def group_folds(records: Sequence[Record], n_folds: int, seed: int = 0) -> list[
     """Return a cross-validation fold index per record, keeping every group in one fold.
 
     Stone and no-stone groups are dealt out separately: in a seeded random order,
-    each group goes to the fold that holds the fewest records of its class so far,
+    each group goes to the fold that has the fewest records of its class so far,
     so folds get similar sizes and both classes wherever there are enough groups.
 
     Args:

@@ -194,7 +194,7 @@ class Trainer:
             patience: early-stopping patience on val_auc; defaults to cfg.patience when
                 `val` is given, and the best weights are restored at the end.
             on_epoch: called with each history entry as it is produced.
-            seed: seed of shuffling and augmentation for this call; by default it is
+            seed: seed of shuffling and augmentation for this call. By default it is
                 derived from cfg.seed and the number of earlier calls, so repeated
                 calls differ. A federated round passes its own seed, so a fresh process
                 and a reused one shuffle identically.

@@ -146,8 +146,8 @@ def run_demo(
 
     from nephrolith.client.local import evaluate_checkpoint
 
-    # "best" exists once a round had a validation AUC from the hospitals; the held-out
-    # test site never selects it, so without one the last round's model is evaluated.
+    # "best" exists only after a round with a validation AUC from the hospitals, because
+    # the held-out test site never selects a model. Without it, evaluate the last round's.
     checkpoint = out / "run" / "checkpoints" / "best"
     if not (checkpoint / "metadata.json").is_file():
         checkpoint = out / "run" / "checkpoints" / "last"

@@ -162,7 +162,7 @@ class _RoundLogging:
         return sent
 
     def _sender(self, msg: Message) -> str:
-        """Return the site a reply comes from, found through the message it answers.
+        """Return the site a reply comes from, found through the message it replies to.
 
         Error replies may carry a placeholder src_node_id instead of the node's id.
         """
